@@ -1,0 +1,43 @@
+"""torchgraft: load any PyTorch checkpoint into any model, safely, fast and all-or-nothing.
+
+Example:
+    >>> import torch, torchgraft as tg
+    >>> model = torch.nn.Linear(4, 2)
+    >>> report = tg.load(model, {"model": torch.nn.Linear(4, 2).state_dict()})
+    >>> report.ok, report.loaded_fraction
+    (True, 1.0)
+"""
+
+from __future__ import annotations
+
+from .api import StateDict, load, plan, read
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompatibleKeysError,
+    NothingToLoadError,
+    OptionError,
+    PartialLoadError,
+    PlanError,
+    PrefixNotFoundError,
+    ReadError,
+    RenameError,
+    SelectError,
+    ShapeMismatchError,
+    TorchgraftError,
+    UnsafeCheckpointError,
+    UnsupportedFormatError,
+)
+from .formats import Checkpoint, Format, register_format
+from .report import Entry, LoadReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "plan", "read", "StateDict", "LoadReport", "Entry", "Checkpoint", "Format",
+    "register_format", "TorchgraftError", "ReadError", "CheckpointNotFoundError",
+    "UnsupportedFormatError", "CorruptCheckpointError", "UnsafeCheckpointError", "SelectError",
+    "PrefixNotFoundError", "RenameError", "PlanError", "ShapeMismatchError",
+    "IncompatibleKeysError", "NothingToLoadError", "PartialLoadError", "OptionError",
+    "__version__",
+]

@@ -1,0 +1,122 @@
+"""The apply stage: carry out a plan's copies, reading each tensor straight into the model.
+
+Copies run in file order. A CPU parameter of the stored dtype is filled by ``preadv`` into its
+own memory (no staging copy); anything else is read once and ``copy_``-ed (cast and moved to
+the parameter's device). Meta-device tensors are replaced by real ones. If a copy fails, a
+:class:`~torchgraft.errors.PartialLoadError` names what was already written.
+
+Example:
+    >>> import torch
+    >>> from torchgraft.plan import Copy, model_slots
+    >>> from torchgraft.tensors import MemoryRef
+    >>> m = torch.nn.Linear(2, 1, bias=False)
+    >>> slots = model_slots(m)
+    >>> apply_copies(m, [Copy(MemoryRef(torch.ones(1, 2)), [slots["weight"]], "weight")])
+    ['weight']
+    >>> m.weight.tolist()
+    [[1.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .errors import PartialLoadError
+from .plan import Copy, Slot
+from .tensors import FileRef
+
+PARALLEL_MIN_BYTES = 4 * 1024 * 1024
+
+
+def _order(copy: Copy) -> tuple:
+    ref = copy.ref
+    if isinstance(ref, FileRef):
+        return (0, str(ref.file.path), ref.offset + ref.elem_offset * ref.dtype.itemsize)
+    return (1, "", 0)
+
+
+def _locate(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str, bool]:
+    mod_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(mod_path) if mod_path else model
+    return module, attr, attr in module._parameters
+
+
+def _materialize_meta(model: torch.nn.Module, copy: Copy) -> None:
+    """Fill a meta-device slot: build a real tensor and set it on every tied name."""
+    template = copy.slots[0].tensor
+    new = torch.empty(tuple(template.shape), dtype=template.dtype, device="cpu")
+    copy.ref.read_into(new)
+    param = None
+    for slot in copy.slots:
+        module, attr, is_param = _locate(model, slot.name)
+        if is_param:
+            if param is None:
+                param = torch.nn.Parameter(new, requires_grad=template.requires_grad)
+            module._parameters[attr] = param
+        else:
+            module._buffers[attr] = new
+
+
+def _copy_one(model: torch.nn.Module, copy: Copy) -> None:
+    target = copy.slots[0].tensor
+    if target.device.type == "meta":
+        _materialize_meta(model, copy)
+    else:
+        copy.ref.read_into(target.detach())
+
+
+def apply_copies(
+    model: torch.nn.Module,
+    copies: list[Copy],
+    progress: Callable[[int], None] | None = None,
+    threads: int | None = None,
+) -> list[str]:
+    """Write every planned copy into ``model``; returns the names written."""
+    written: list[str] = []
+    lock = threading.Lock()
+
+    def run(copy: Copy) -> None:
+        with torch.no_grad():
+            _copy_one(model, copy)
+        with lock:
+            written.extend(s.name for s in copy.slots)
+            if progress:
+                progress(copy.ref.nbytes)
+
+    ordered = sorted(copies, key=_order)
+    workers = threads if threads is not None else min(4, os.cpu_count() or 1)
+    big = [c for c in ordered if _parallel_ok(c)] if workers > 1 else []
+    small = [c for c in ordered if not _parallel_ok(c)] if big else ordered
+    try:
+        if big:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(run, big))
+        for copy in small:
+            run(copy)
+    except BaseException as err:
+        if not written:
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise PartialLoadError(
+                f"copying failed before any tensor was written ({type(err).__name__}: {err}); "
+                "the model is unchanged", written) from err
+        shown = ", ".join(written[:8]) + (" ..." if len(written) > 8 else "")
+        raise PartialLoadError(
+            f"copying failed part-way ({type(err).__name__}: {err}). The model is PARTIALLY "
+            f"loaded: {len(written)} of {sum(len(c.slots) for c in copies)} tensors already hold "
+            f"checkpoint values ({shown}); the rest keep their old values. Reload the model "
+            "before using it.", written) from err
+    return written
+
+
+def _parallel_ok(copy: Copy) -> bool:
+    """Large file reads into CPU memory run in threads (``preadv`` releases the GIL)."""
+    target = copy.slots[0].tensor
+    return (isinstance(copy.ref, FileRef) and copy.ref.nbytes >= PARALLEL_MIN_BYTES
+            and target.device.type == "cpu" and sys.platform != "win32")

@@ -1,0 +1,120 @@
+"""Every error torchgraft raises derives from :class:`TorchgraftError`.
+
+Messages say what was found, what was expected and which option fixes it.
+
+Example:
+    >>> import torchgraft as tg
+    >>> try:
+    ...     tg.read("missing.pth")
+    ... except tg.TorchgraftError as err:
+    ...     print(type(err).__name__)
+    CheckpointNotFoundError
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class TorchgraftError(Exception):
+    """Base class of all torchgraft errors."""
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+class ReadError(TorchgraftError):
+    """The checkpoint could not be read."""
+
+
+class CheckpointNotFoundError(ReadError, FileNotFoundError):
+    """The path does not exist."""
+
+
+class UnsupportedFormatError(ReadError):
+    """The file is not a checkpoint format torchgraft knows (says what it looks like instead)."""
+
+
+class CorruptCheckpointError(ReadError):
+    """The file claims to be a known format but is truncated or internally inconsistent."""
+
+
+class UnsafeCheckpointError(ReadError):
+    """The file needs something torchgraft will not do without ``trust=True``."""
+
+
+# --- selecting and mapping ---------------------------------------------------------------------
+
+
+class SelectError(TorchgraftError):
+    """``select=`` names no state dict inside the container."""
+
+
+class PrefixNotFoundError(TorchgraftError):
+    """``prefix=`` matches no checkpoint name."""
+
+
+class RenameError(TorchgraftError):
+    """``rename=`` is malformed or maps two tensors onto one name."""
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+class PlanError(TorchgraftError):
+    """The load plan cannot be carried out; raised before the model is touched."""
+
+    def __init__(self, message: str, report: object | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class ShapeMismatchError(PlanError):
+    """A checkpoint tensor matched a model tensor by name but its shape differs."""
+
+
+class IncompatibleKeysError(PlanError):
+    """``strict=True`` and some tensors are missing or unexpected."""
+
+
+class NothingToLoadError(PlanError):
+    """Not a single tensor of a non-empty checkpoint would be copied."""
+
+
+# --- applying ----------------------------------------------------------------------------------
+
+
+class PartialLoadError(TorchgraftError):
+    """Copying failed part-way: the model holds a mix of old and new values.
+
+    ``written`` lists the model tensors that already hold checkpoint values.
+    """
+
+    def __init__(self, message: str, written: Sequence[str]) -> None:
+        super().__init__(message)
+        self.written = list(written)
+
+
+__all__ = [
+    "TorchgraftError",
+    "ReadError",
+    "CheckpointNotFoundError",
+    "UnsupportedFormatError",
+    "CorruptCheckpointError",
+    "UnsafeCheckpointError",
+    "SelectError",
+    "PrefixNotFoundError",
+    "RenameError",
+    "PlanError",
+    "ShapeMismatchError",
+    "IncompatibleKeysError",
+    "NothingToLoadError",
+    "PartialLoadError",
+]
+
+
+class OptionError(TorchgraftError, ValueError):
+    """An option has a value torchgraft does not understand."""
+
+
+__all__.append("OptionError")

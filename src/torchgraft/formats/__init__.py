@@ -1,0 +1,136 @@
+"""The read stage: turn a path or an in-memory mapping into a :class:`Checkpoint`.
+
+Example:
+    >>> import torch
+    >>> ckpt = open_checkpoint({"state_dict": {"w": torch.ones(2)}, "epoch": 3})
+    >>> ckpt.format, type(ckpt.root["state_dict"]["w"]).__name__
+    ('memory', 'MemoryRef')
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointNotFoundError, ReadError, UnsupportedFormatError
+from ..tensors import MemoryRef, TensorRef
+from .base import Checkpoint, Format, register_format, registered_formats
+from .folder import open_folder
+from .numpy_files import NpzFormat, PickleFormat, arrays_to_refs
+from .safetensors_file import SafetensorsFormat
+from .torch_legacy import TorchLegacyFormat
+from .torch_zip import TorchZipFormat
+from .unpickler import Placeholder, module_state
+
+__all__ = ["Checkpoint", "Format", "register_format", "registered_formats", "open_checkpoint"]
+
+for _fmt in (TorchZipFormat(), NpzFormat(), SafetensorsFormat(), TorchLegacyFormat(),
+             PickleFormat()):
+    register_format(_fmt, first=False)
+
+Source = str | os.PathLike | Mapping
+
+
+def open_checkpoint(source: Source, trust: bool = False) -> Checkpoint:
+    """Read ``source`` (a file, a folder or a mapping) into a :class:`Checkpoint`."""
+    if isinstance(source, Mapping):
+        return Checkpoint(root=_wrap_memory(dict(source)), format="memory")
+    if isinstance(source, torch.nn.Module):
+        return Checkpoint(root=_wrap_memory(source.state_dict()), format="memory")
+    if not isinstance(source, (str, os.PathLike)):
+        raise UnsupportedFormatError(
+            f"cannot read a {type(source).__name__}: pass a path, a folder or a state dict"
+        )
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path}: no such file or folder")
+    if path.is_dir():
+        ckpt = open_folder(path, lambda p: _open_file(p, trust))
+    else:
+        ckpt = _open_file(path, trust)
+    ckpt.root = _modules_to_state_dicts(ckpt.root, ckpt.notes)
+    return ckpt
+
+
+def _open_file(path: Path, trust: bool) -> Checkpoint:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as err:
+        raise ReadError(f"{path}: cannot open ({err})") from None
+    if trust and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        return _open_trusted(path)
+    for fmt in registered_formats():
+        if fmt.sniff(path, head):
+            return fmt.open(path, trust)
+    raise UnsupportedFormatError(f"{path.name}: {describe_unknown(head, path)}")
+
+
+def describe_unknown(head: bytes, path: Path) -> str:
+    """Plain words for what a file that is no known checkpoint looks like."""
+    text = head.lstrip().lower()
+    if not head:
+        return "the file is empty (0 bytes); the download or copy failed"
+    if text.startswith(b"version https://git-lfs"):
+        return ("this is a Git LFS pointer file, not the weights; run `git lfs pull` or download "
+                "the real file")
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return ("this is an HTML page (an error or login page saved instead of the weights); "
+                "download the file again")
+    if text.startswith((b"{", b"[")):
+        return "this is a JSON/text file, not weights"
+    if head.startswith(b"\x1f\x8b"):
+        return "this is a gzip archive; unpack it first"
+    if head.startswith(b"GGUF"):
+        return "this is a GGUF file (llama.cpp), which torchgraft does not read"
+    return (f"unknown format (first bytes {head[:8]!r}); expected a torch .pth/.pt/.bin/.ckpt, "
+            ".safetensors, .npz or .pkl file, or a folder of them")
+
+
+def _open_trusted(path: Path) -> Checkpoint:
+    """``trust=True``: plain ``torch.load`` with pickle; only ever chosen by the user."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ReadError(f"{path.name}: torch.load failed even with trust=True: {err}") from None
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    return Checkpoint(root=_wrap_memory(arrays_to_refs(obj)), format="torch (trusted pickle)",
+                      path=path, notes=["loaded with trust=True: pickled code was allowed to run"])
+
+
+def _wrap_memory(obj: Any, depth: int = 0) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return MemoryRef(obj)
+    if depth > 50:
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        return _wrap_memory(obj.state_dict(), depth + 1)
+    if isinstance(obj, Mapping):
+        return {k: _wrap_memory(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_wrap_memory(v, depth + 1) for v in obj]
+    return obj
+
+
+def _modules_to_state_dicts(obj: Any, notes: list[str], depth: int = 0) -> Any:
+    """Replace placeholders of pickled ``nn.Module`` objects by the state dict they would give."""
+    if isinstance(obj, Placeholder):
+        state = module_state(obj)
+        if state is not None:
+            notes.append(f"whole pickled module {obj.qualname} turned into its state dict "
+                         "(its code was not run)")
+            return state
+        return obj
+    if depth > 50 or isinstance(obj, TensorRef):
+        return obj
+    if isinstance(obj, dict):
+        for key in list(obj):
+            obj[key] = _modules_to_state_dicts(obj[key], notes, depth + 1)
+    elif isinstance(obj, list):
+        obj[:] = [_modules_to_state_dicts(v, notes, depth + 1) for v in obj]
+    return obj

@@ -1,0 +1,153 @@
+"""NumPy archives (``.npz``) and plain pickles of numpy arrays (``.pkl``, detectron2 style).
+
+``.npz`` members stored uncompressed are read lazily straight from the file; compressed ones
+when needed. Object arrays and ``.pkl`` files go through the restricted unpickler, so nothing
+in them runs.
+
+Example:
+    >>> import numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.npz")
+    >>> np.savez(path, w=np.ones(3, dtype=np.float32))
+    >>> NpzFormat().open(Path(path)).root["w"].materialize().tolist()
+    [1.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CorruptCheckpointError
+from ..tensors import FileHandle, FileRef, MemoryRef, TensorRef
+from .base import Checkpoint, Format
+from .torch_zip import _data_offsets
+from .unpickler import restricted_loads
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype | None:
+    """The torch dtype for a numpy dtype, or None when torch has none."""
+    try:
+        return torch.from_numpy(np.empty(0, dtype=dtype.newbyteorder("="))).dtype
+    except (TypeError, ValueError):
+        return None
+
+
+def arrays_to_refs(obj: Any, depth: int = 0) -> Any:
+    """Replace numeric numpy arrays in a container tree by tensor references."""
+    if depth > 100:
+        return obj
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            return arrays_to_refs(obj.item(), depth + 1) if obj.ndim == 0 else obj
+        if torch_dtype(obj.dtype) is None:
+            return obj
+        arr = obj if obj.dtype.isnative else obj.astype(obj.dtype.newbyteorder("="))
+        return MemoryRef(torch.from_numpy(np.ascontiguousarray(arr)))
+    if isinstance(obj, dict):
+        for key in list(obj):
+            obj[key] = arrays_to_refs(obj[key], depth + 1)
+    elif isinstance(obj, list):
+        obj[:] = [arrays_to_refs(v, depth + 1) for v in obj]
+    return obj
+
+
+class _NpyMemberRef(TensorRef):
+    """A compressed or byte-swapped ``.npz`` member, decoded when needed."""
+
+    def __init__(self, path: Path, member: str, dtype: torch.dtype, shape: tuple[int, ...]):
+        self.path, self.member, self.dtype, self.shape = path, member, dtype, shape
+
+    def materialize(self) -> torch.Tensor:
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
+            arr = np.lib.format.read_array(f, allow_pickle=False)
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _read_header(stream: io.BufferedIOBase) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(stream)
+    return np.lib.format.read_array_header_2_0(stream)
+
+
+class NpzFormat(Format):
+    name = "npz"
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        if not head.startswith(b"PK\x03\x04"):
+            return False
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return any(n.endswith(".npy") for n in zf.namelist())
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return path.suffix == ".npz"
+
+    def open(self, path: Path, trust: bool = False) -> Checkpoint:
+        fh = FileHandle(path)
+        root: dict[str, Any] = {}
+        placeholders: list[str] = []
+        try:
+            zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, ValueError) as err:
+            raise CorruptCheckpointError(f"{path.name}: not a readable npz archive ({err})") from None
+        with zf:
+            infos = [i for i in zf.infolist() if i.filename.endswith(".npy")]
+            offsets = _data_offsets(fh, [i for i in infos if i.compress_type == zipfile.ZIP_STORED])
+            for info in infos:
+                name = info.filename[:-4]
+                try:
+                    with zf.open(info) as f:
+                        shape, fortran, dtype = _read_header(f)
+                        header_len = f.tell()
+                        if dtype.hasobject:
+                            obj, found = restricted_loads(f.read(), what=f"{path.name}:{name}")
+                            placeholders += [p for p in found if p not in placeholders]
+                            root[name] = arrays_to_refs(obj)
+                            continue
+                except CorruptCheckpointError:
+                    raise
+                except Exception as err:
+                    raise CorruptCheckpointError(f"{path.name}: member {name}: {err}") from None
+                tdtype = torch_dtype(dtype)
+                if tdtype is None:
+                    continue
+                if info.compress_type == zipfile.ZIP_STORED and dtype.isnative:
+                    stride = None
+                    if fortran:
+                        stride = tuple(reversed(_strides(tuple(reversed(shape)))))
+                    ref: TensorRef = FileRef(fh, offsets[info.filename] + header_len, tdtype,
+                                             tuple(shape), stride)
+                    if ref.byte_range()[1] > fh.size:
+                        raise CorruptCheckpointError(f"{path.name}: member {name} is truncated")
+                    root[name] = ref
+                else:
+                    root[name] = _NpyMemberRef(path, info.filename, tdtype, tuple(shape))
+        return Checkpoint(root=root, format=self.name, path=path, placeholders=placeholders)
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    from ..tensors import contiguous_strides
+
+    return contiguous_strides(shape)
+
+
+class PickleFormat(Format):
+    """A plain pickle (protocol 2+) of dicts and numpy arrays, e.g. detectron2's ``.pkl``."""
+
+    name = "pickle"
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+    def open(self, path: Path, trust: bool = False) -> Checkpoint:
+        with open(path, "rb") as f:
+            root, placeholders = restricted_loads(f, what=path.name)
+        return Checkpoint(root=arrays_to_refs(root), format=self.name, path=path,
+                          placeholders=placeholders)

@@ -1,0 +1,128 @@
+"""``.safetensors`` files: the JSON header is parsed and checked; tensor bytes stay on disk.
+
+Every entry is validated before anything is read: known dtype, non-negative shape, byte range
+equal to the shape's size, inside the file, no two ranges overlapping, no duplicate names. The
+header length itself is bounded by the file size, so a corrupt length never allocates.
+
+Example:
+    >>> import torch, tempfile, os
+    >>> from safetensors.torch import save_file
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+    >>> save_file({"w": torch.ones(2)}, path)
+    >>> SafetensorsFormat().open(Path(path)).root["w"].shape
+    (2,)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+
+from ..errors import CorruptCheckpointError
+from ..tensors import FileHandle, FileRef
+from .base import Checkpoint, Format
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def _no_duplicates(pairs: list) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise CorruptCheckpointError(f"duplicate tensor name {key!r} in header")
+        out[key] = value
+    return out
+
+
+class SafetensorsFormat(Format):
+    """Reads safetensors headers; tensors are read later straight from the file."""
+
+    name = "safetensors"
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        if len(head) < 9:
+            return path.suffix == ".safetensors" and len(head) > 0
+        (n,) = struct.unpack("<Q", head[:8])
+        return head[8:9] == b"{" or (path.suffix == ".safetensors" and n > 0)
+
+    def open(self, path: Path, trust: bool = False) -> Checkpoint:
+        fh = FileHandle(path)
+        try:
+            return self._open(fh)
+        except CorruptCheckpointError as err:
+            msg = str(err)
+            raise CorruptCheckpointError(
+                msg if msg.startswith(path.name) else f"{path.name}: {msg}"
+            ) from None
+
+    def _open(self, fh: FileHandle) -> Checkpoint:
+        if fh.size < 8:
+            raise CorruptCheckpointError(f"only {fh.size} bytes; a safetensors file has 8+")
+        (n,) = struct.unpack("<Q", fh.pread(0, 8))
+        if n > MAX_HEADER or 8 + n > fh.size:
+            raise CorruptCheckpointError(
+                f"header claims {n} bytes but the file has {fh.size} (header too large: "
+                "truncated or not a safetensors file)"
+            )
+        try:
+            header = json.loads(fh.pread(8, n), object_pairs_hook=_no_duplicates)
+        except CorruptCheckpointError:
+            raise
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CorruptCheckpointError(f"header is not valid JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise CorruptCheckpointError("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise CorruptCheckpointError("__metadata__ is not an object")
+        base = 8 + n
+        data_len = fh.size - base
+        root: dict[str, FileRef] = {}
+        spans = []
+        for name, entry in header.items():
+            if not isinstance(entry, dict):
+                raise CorruptCheckpointError(f"entry {name!r} is not an object")
+            dtype = DTYPES.get(entry.get("dtype"))
+            if dtype is None:
+                raise CorruptCheckpointError(f"{name!r}: unknown dtype {entry.get('dtype')!r}")
+            shape, offs = entry.get("shape"), entry.get("data_offsets")
+            if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            ):
+                raise CorruptCheckpointError(f"{name!r}: bad shape {shape!r}")
+            if (not isinstance(offs, list) or len(offs) != 2
+                    or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+                raise CorruptCheckpointError(f"{name!r}: bad data_offsets {offs!r}")
+            begin, end = offs
+            if not 0 <= begin <= end <= data_len:
+                raise CorruptCheckpointError(
+                    f"{name!r}: bytes {begin}..{end} lie outside the {data_len} data bytes "
+                    "(truncated file or corrupt header)"
+                )
+            if end - begin != math.prod(shape) * dtype.itemsize:
+                raise CorruptCheckpointError(
+                    f"{name!r}: {end - begin} bytes do not fit shape {shape} of {dtype}"
+                )
+            spans.append((begin, end, name))
+            root[name] = FileRef(fh, base + begin, dtype, tuple(shape))
+        spans.sort()
+        for (b1, e1, n1), (b2, e2, n2) in zip(spans, spans[1:]):
+            if b2 < e1 and e2 > b2:
+                raise CorruptCheckpointError(f"tensors {n1!r} and {n2!r} overlap in the file")
+        meta = {str(k): str(v) for k, v in metadata.items()}
+        return Checkpoint(root=root, format=self.name, path=fh.path, metadata=meta)

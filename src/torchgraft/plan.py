@@ -1,0 +1,210 @@
+"""The plan stage: pair model tensors with checkpoint tensors and decide an action for each.
+
+Pure: it reads shapes and dtypes only and never writes to the model. Every error that can be
+known before copying (shapes, strictness, nothing to load) is decided here.
+
+Example:
+    >>> import torch
+    >>> from torchgraft.tensors import MemoryRef
+    >>> from torchgraft.names import NameMap
+    >>> model = torch.nn.Linear(2, 3)
+    >>> refs = {"weight": MemoryRef(torch.ones(3, 2)), "bias": MemoryRef(torch.ones(4))}
+    >>> p = make_plan(model_slots(model), refs, NameMap(target={"weight": "weight", "bias": "bias"}))
+    >>> [(e.target, e.action) for e in p.entries]
+    [('weight', 'copied'), ('bias', 'skipped')]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import IncompatibleKeysError, NothingToLoadError, OptionError, ShapeMismatchError
+from .names import NameMap
+from .report import Entry, LoadReport, group_names
+from .tensors import TensorRef
+
+MISMATCH_MODES = ("error", "skip")
+
+
+@dataclass
+class Slot:
+    """A model tensor that can be filled: the state-dict name and the live tensor object."""
+
+    name: str
+    tensor: torch.Tensor
+    group: int  # equal for names that share one tensor (tied weights)
+
+
+@dataclass
+class Copy:
+    """One planned write: ``ref`` into every slot of ``slots`` (tied names share it)."""
+
+    ref: TensorRef
+    slots: list[Slot]
+    source: str
+
+
+@dataclass
+class Plan:
+    entries: list[Entry] = field(default_factory=list)
+    copies: list[Copy] = field(default_factory=list)
+    loaded_fraction: float = 0.0
+
+
+def model_slots(model: torch.nn.Module) -> dict[str, Slot]:
+    """The model's persistent state, as ``model.state_dict()`` names it, with tie groups."""
+    slots: dict[str, Slot] = {}
+    groups: dict[int, int] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if isinstance(value, torch.Tensor):
+            gid = groups.setdefault(id(value), len(groups))
+            slots[name] = Slot(name, value, gid)
+    return slots
+
+
+def _dtype(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap,
+              mismatch: str = "error") -> Plan:
+    """Decide, for every model slot and checkpoint tensor, what the load does."""
+    if mismatch not in MISMATCH_MODES:
+        raise OptionError(f"mismatch={mismatch!r}: expected one of {MISMATCH_MODES}")
+    plan = Plan()
+    by_target: dict[str, str] = {}
+    duplicates: dict[str, str] = {}
+    for src, tgt in names.target.items():
+        if tgt in by_target:
+            duplicates[src] = by_target[tgt]
+        else:
+            by_target[tgt] = src
+    group_source: dict[int, str] = {}  # tie group -> model name that carries the data
+    copies: dict[int, Copy] = {}
+    used: set[str] = set()
+    pending_ties: list[Slot] = []
+    for name, slot in slots.items():
+        src = by_target.get(name)
+        tshape, tdtype = tuple(slot.tensor.shape), slot.tensor.dtype
+        if src is None:
+            pending_ties.append(slot)
+            continue
+        ref = refs[src]
+        used.add(src)
+        why = "; ".join(names.why.get(src, []))
+        if ref.shape != tshape:
+            plan.entries.append(Entry(name, src, "skipped", ref.shape, tshape, _dtype(ref.dtype),
+                                      _dtype(tdtype), _join("shape mismatch", why)))
+            continue
+        action = "copied" if ref.dtype == tdtype else "cast"
+        reason = why if action == "copied" else _join(f"{_dtype(ref.dtype)} -> {_dtype(tdtype)}",
+                                                      why)
+        plan.entries.append(Entry(name, src, action, ref.shape, tshape, _dtype(ref.dtype),
+                                  _dtype(tdtype), reason))
+        if slot.group in copies:
+            copies[slot.group].slots.append(slot)  # tied names both in the file: write once
+        else:
+            copies[slot.group] = Copy(ref, [slot], src)
+            group_source[slot.group] = name
+    for slot in pending_ties:
+        carrier = group_source.get(slot.group)
+        shape, dt = tuple(slot.tensor.shape), _dtype(slot.tensor.dtype)
+        if carrier is not None:
+            copies[slot.group].slots.append(slot)
+            plan.entries.append(Entry(slot.name, copies[slot.group].source, "copied", shape,
+                                      shape, dt, dt, f"tied to {carrier} (shares its storage)"))
+        else:
+            plan.entries.append(Entry(slot.name, None, "missing", None, shape, None, dt,
+                                      "not in checkpoint"))
+    order = {n: i for i, n in enumerate(slots)}
+    plan.entries.sort(key=lambda e: order.get(e.target, 0))
+    for src, ref in refs.items():
+        if src in used:
+            continue
+        if src in names.dropped:
+            action, reason = "skipped", names.dropped[src]
+        elif src in duplicates:
+            action, reason = "unexpected", f"maps to {names.target[src]!r} like {duplicates[src]!r}"
+        else:
+            action = "unexpected"
+            reason = "; ".join(names.why.get(src, [])) or "no model tensor of this name"
+        plan.entries.append(Entry(None, src, action, ref.shape, None, _dtype(ref.dtype), None,
+                                  reason))
+    plan.copies = list(copies.values())
+    plan.loaded_fraction = _loaded_fraction(slots, copies)
+    return plan
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}; {b}" if b else a
+
+
+def _loaded_fraction(slots: dict[str, Slot], copies: dict[int, Copy]) -> float:
+    sizes: dict[int, int] = {}
+    for slot in slots.values():
+        sizes[slot.group] = math.prod(slot.tensor.shape)
+    total = sum(sizes.values())
+    if total == 0:
+        return 1.0 if not slots else 0.0
+    return sum(sizes[g] for g in copies) / total
+
+
+def check_plan(report: LoadReport, n_source: int, mismatch: str, strict: bool) -> str | None:
+    """The error a load with these options must raise, or None. Pure."""
+    err = plan_error(report, n_source, mismatch, strict)
+    return None if err is None else str(err)
+
+
+def plan_error(report: LoadReport, n_source: int, mismatch: str,
+               strict: bool) -> Exception | None:
+    """Build (not raise) the error for a plan that cannot be loaded with these options."""
+    mism = report.mismatched
+    if mism and mismatch == "error":
+        lines = [f"  {e.target}: checkpoint {list(e.source_shape)} vs model "
+                 f"{list(e.target_shape)}" for e in mism[:20]]
+        more = f"\n  ... and {len(mism) - 20} more" if len(mism) > 20 else ""
+        return ShapeMismatchError(
+            f"{len(mism)} tensor(s) match by name but not by shape:\n" + "\n".join(lines) + more
+            + "\nThe model was not changed. Pass mismatch=\"skip\" to keep the model's own values "
+            "for these and load the rest.", report)
+    loaded = report.counts["copied"] + report.counts["cast"]
+    if n_source and loaded == 0:
+        return NothingToLoadError(_nothing_message(report), report)
+    if strict and (report.missing_keys or report.unexpected_keys):
+        parts = []
+        if report.missing_keys:
+            parts.append("missing from the checkpoint: "
+                         + ", ".join(group_names(report.missing_keys)[:10]))
+        if report.unexpected_keys:
+            parts.append("not in the model: "
+                         + ", ".join(group_names(report.unexpected_keys)[:10]))
+        return IncompatibleKeysError(
+            "strict=True and the names differ:\n  " + "\n  ".join(parts)
+            + "\nThe model was not changed. Pass strict=False to load what matches, or "
+            "rename=/prefix= to fix the names.", report)
+    return None
+
+
+def _nothing_message(report: LoadReport) -> str:
+    model = [e.target for e in report.entries if e.target][:5]
+    ckpt = [e.source for e in report.entries if e.source and not e.target][:5]
+    mism = report.mismatched
+    head = "not a single checkpoint tensor matches a model tensor by name and shape"
+    if mism:
+        head = f"every matching name differs in shape ({len(mism)} tensors)"
+    hint = _likely_fix(model, ckpt)
+    return (f"{head}; nothing would be loaded. The model was not changed.\n"
+            f"  model names:      {model}\n  checkpoint names: {ckpt}\n  {hint}")
+
+
+def _likely_fix(model: list[str], ckpt: list[str]) -> str:
+    m_heads = sorted({n.split(".", 1)[0] + "." for n in model})
+    c_heads = sorted({n.split(".", 1)[0] + "." for n in ckpt})
+    if m_heads and c_heads and set(m_heads) != set(c_heads):
+        return (f"checkpoint names start with {c_heads[:3]}, model names with {m_heads[:3]}: "
+                f"pass rename=[(r'^{c_heads[0][:-1]}\\.', '{m_heads[0]}')] or "
+                f"prefix='{c_heads[0][:-1]}'")
+    return "pass rename= to map checkpoint names onto model names, or select= another state dict"

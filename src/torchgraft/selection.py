@@ -1,0 +1,118 @@
+"""The select stage: find the state dicts inside a checkpoint container and pick one.
+
+Every nested mapping that holds tensors is a *candidate* (optimizer and trainer state are
+skipped). With a model, the candidate that fits it best after name mapping wins; ties go to the
+conventional names, then to a non-EMA copy. Without a model, the one with most tensors wins.
+
+Example:
+    >>> from torchgraft.tensors import MemoryRef
+    >>> import torch
+    >>> t = MemoryRef(torch.ones(1))
+    >>> cands = find_candidates({"state_dict": {"w": t}, "model_ema": {"w": t}, "epoch": 3})
+    >>> [c.path for c in cands]
+    ['state_dict', 'model_ema']
+    >>> rank(cands, None)[0].path
+    'state_dict'
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SelectError
+from .tensors import TensorRef
+
+CONVENTIONAL = ("state_dict", "model", "model_state_dict", "module", "net", "network",
+                "params", "weights", "state", "")
+NOT_MODEL = {"optimizer", "optimizers", "optimizer_states", "optim", "optimizer_state_dict",
+             "lr_scheduler", "lr_schedulers", "scheduler", "schedulers", "loops", "callbacks",
+             "message_hub", "amp", "scaler", "grad_scaler", "rng_state"}
+_EMA = re.compile(r"(^|[_\-.])ema($|[_\-.])", re.IGNORECASE)
+
+
+@dataclass
+class Candidate:
+    """One state dict inside the container: its ``/``-path and its tensors."""
+
+    path: str
+    tensors: dict[str, TensorRef]
+    fit: tuple[int, int] | None = None  # (elements matched, tensors matched) when scored
+    error: str | None = None
+
+    @property
+    def is_ema(self) -> bool:
+        return any(_EMA.search(part) for part in self.path.split("/"))
+
+    @property
+    def conventional_rank(self) -> int:
+        last = self.path.rsplit("/", 1)[-1]
+        return CONVENTIONAL.index(last) if last in CONVENTIONAL else len(CONVENTIONAL)
+
+    def sort_key(self) -> tuple:
+        fit = self.fit if self.fit is not None else (len(self.tensors), len(self.tensors))
+        return (-fit[0], -fit[1], self.is_ema, self.conventional_rank, self.path.count("/"),
+                self.path)
+
+
+def find_candidates(root: Any) -> list[Candidate]:
+    """All mappings in ``root`` that directly hold tensors, outer ones first."""
+    found: list[Candidate] = []
+    _walk(root, "", found, 0)
+    return found
+
+
+def _walk(node: Any, path: str, found: list[Candidate], depth: int) -> None:
+    if not isinstance(node, dict) or depth > 8:
+        return
+    tensors = {k: v for k, v in node.items() if isinstance(k, str) and isinstance(v, TensorRef)}
+    if tensors:
+        found.append(Candidate(path, tensors))
+    for key, value in node.items():
+        if isinstance(key, str) and isinstance(value, dict) and key.lower() not in NOT_MODEL:
+            _walk(value, f"{path}/{key}" if path else key, found, depth + 1)
+
+
+def resolve(root: Any, select: str) -> Candidate:
+    """The candidate at an explicit ``select=`` path (``"model/state_dict"``)."""
+    node = root
+    parts = [p for p in select.strip("/").split("/") if p] if select else []
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            here = "/".join(parts[:i]) or "the top level"
+            keys = list(node)[:12] if isinstance(node, dict) else []
+            raise SelectError(
+                f"select={select!r}: {here} has no key {part!r}; it has {keys}. "
+                f"State dicts found: {[c.path or '<top>' for c in find_candidates(root)]}"
+            )
+        node = node[part]
+    if not isinstance(node, dict):
+        raise SelectError(f"select={select!r} is a {type(node).__name__}, not a state dict")
+    tensors = {k: v for k, v in node.items() if isinstance(k, str) and isinstance(v, TensorRef)}
+    if not tensors:
+        raise SelectError(
+            f"select={select!r} holds no tensors. State dicts found: "
+            f"{[c.path or '<top>' for c in find_candidates(root)]}"
+        )
+    return Candidate("/".join(parts), tensors)
+
+
+def rank(cands: list[Candidate],
+         score: Callable[[Candidate], tuple[int, int]] | None) -> list[Candidate]:
+    """Score (when a model is given) and order candidates, best first."""
+    if score is not None:
+        for cand in cands:
+            try:
+                cand.fit = score(cand)
+            except Exception as err:  # e.g. a prefix absent from this candidate
+                cand.fit, cand.error = (-1, -1), str(err)
+    return sorted(cands, key=Candidate.sort_key)
+
+
+def describe_container(root: Any) -> str:
+    """One line on what the container holds, for errors."""
+    if isinstance(root, dict):
+        return "a mapping with keys " + ", ".join(repr(k) for k in list(root)[:10])
+    return f"a {type(root).__name__}"

@@ -1,0 +1,245 @@
+"""Lazy tensor references: a tensor's shape and dtype, and how to fetch its bytes later.
+
+Readers return :class:`TensorRef` objects instead of tensors, so nothing is read until the
+apply stage copies it, straight from the file into the parameter's own memory when it can.
+
+Example:
+    >>> import torch
+    >>> ref = MemoryRef(torch.ones(2, 3))
+    >>> ref.shape, ref.dtype
+    ((2, 3), torch.float32)
+    >>> out = torch.empty(2, 3, dtype=torch.float64)
+    >>> ref.read_into(out); float(out.sum())
+    6.0
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Hashable
+from pathlib import Path
+
+import torch
+
+from .errors import CorruptCheckpointError, ReadError
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides for ``shape``."""
+    strides = []
+    acc = 1
+    for dim in reversed(shape):
+        strides.append(acc)
+        acc *= max(dim, 1)
+    return tuple(reversed(strides))
+
+
+def is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """True when ``stride`` lays ``shape`` out row-major (size-1 dims may have any stride)."""
+    expected = 1
+    for dim, st in zip(reversed(shape), reversed(stride)):
+        if dim == 0:
+            return True
+        if dim != 1 and st != expected:
+            return False
+        expected *= dim
+    return True
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous CPU tensor's bytes (no copy)."""
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+class TensorRef:
+    """A tensor that has not been read yet.
+
+    Subclasses implement :meth:`materialize`; :meth:`read_into` copies into an existing tensor
+    (casting dtype and moving device as needed).
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def alias_key(self) -> Hashable:
+        """Equal keys mean the two refs are the same view of the same storage (tied)."""
+        return id(self)
+
+    def materialize(self) -> torch.Tensor:
+        """Return a CPU tensor with the data (a new tensor unless the data is already in memory)."""
+        raise NotImplementedError
+
+    def read_into(self, out: torch.Tensor) -> None:
+        """Copy the data into ``out`` (same shape; dtype and device may differ)."""
+        out.copy_(self.materialize())
+
+    def __repr__(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        return f"{type(self).__name__}(shape={list(self.shape)}, dtype={dt})"
+
+
+class MemoryRef(TensorRef):
+    """A tensor that is already in memory (in-memory sources, numpy arrays)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+        self.dtype = tensor.dtype
+
+    def alias_key(self) -> Hashable:
+        t = self.tensor
+        if t.device.type == "meta":
+            return id(t)
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except Exception:  # sparse or exotic tensors
+            return id(t)
+        return ("mem", t.device.type, ptr, t.storage_offset(), self.shape, tuple(t.stride()))
+
+    def materialize(self) -> torch.Tensor:
+        return self.tensor
+
+    def read_into(self, out: torch.Tensor) -> None:
+        out.copy_(self.tensor)
+
+
+class FileHandle:
+    """A read-only file opened once and read with ``os.preadv`` (thread-safe, no seeking)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.size = self.path.stat().st_size
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            with self._lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` from ``offset``; a short read means the file was truncated."""
+        n = len(buf)
+        if offset < 0 or offset + n > self.size:
+            raise CorruptCheckpointError(
+                f"{self.path.name}: wants bytes {offset}..{offset + n} but the file has "
+                f"{self.size} bytes (truncated or corrupt)"
+            )
+        fd = self.fileno()
+        done = 0
+        while done < n:
+            try:
+                got = os.preadv(fd, [buf[done:]], offset + done)
+            except OSError as err:
+                raise ReadError(f"{self.path.name}: read failed at byte {offset + done}: {err}")
+            if got <= 0:
+                raise CorruptCheckpointError(
+                    f"{self.path.name}: file ended at byte {offset + done}, expected {offset + n}"
+                )
+            done += got
+
+    def pread(self, offset: int, n: int) -> bytes:
+        buf = bytearray(n)
+        self.pread_into(memoryview(buf), offset)
+        return bytes(buf)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class FileRef(TensorRef):
+    """A tensor stored raw (little-endian, row-major storage) at a byte offset in a file.
+
+    ``offset`` is where its storage starts; ``elem_offset`` and ``stride`` describe the view into
+    that storage, as torch does.
+    """
+
+    def __init__(
+        self,
+        file: FileHandle,
+        offset: int,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...] | None = None,
+        elem_offset: int = 0,
+        storage_key: Hashable | None = None,
+    ) -> None:
+        self.file = file
+        self.offset = offset
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        self.stride = tuple(stride) if stride is not None else contiguous_strides(self.shape)
+        self.elem_offset = elem_offset
+        self.storage_key = storage_key if storage_key is not None else (id(file), offset)
+
+    def alias_key(self) -> Hashable:
+        return ("file", self.storage_key, self.elem_offset, self.shape, self.stride, self.dtype)
+
+    @property
+    def contiguous(self) -> bool:
+        return is_contiguous(self.shape, self.stride)
+
+    def span_elems(self) -> int:
+        """Elements of storage this view touches, from ``elem_offset`` on."""
+        if self.numel == 0:
+            return 0
+        return 1 + sum((d - 1) * s for d, s in zip(self.shape, self.stride))
+
+    def byte_range(self) -> tuple[int, int]:
+        item = self.dtype.itemsize
+        start = self.offset + self.elem_offset * item
+        return start, start + self.span_elems() * item
+
+    def materialize(self) -> torch.Tensor:
+        if self.contiguous:
+            out = torch.empty(self.shape, dtype=self.dtype)
+            self._pread_contiguous(out)
+            return out
+        flat = torch.empty(self.span_elems(), dtype=self.dtype)
+        self._pread_span(flat)
+        return torch.as_strided(flat, self.shape, self.stride).clone()
+
+    def _pread_contiguous(self, out: torch.Tensor) -> None:
+        if self.numel:
+            start, _ = self.byte_range()
+            self.file.pread_into(byte_view(out), start)
+
+    def _pread_span(self, flat: torch.Tensor) -> None:
+        if flat.numel():
+            start, _ = self.byte_range()
+            self.file.pread_into(byte_view(flat), start)
+
+    def read_into(self, out: torch.Tensor) -> None:
+        if (
+            self.contiguous
+            and out.device.type == "cpu"
+            and out.dtype == self.dtype
+            and out.is_contiguous()
+            and tuple(out.shape) == self.shape
+        ):
+            self._pread_contiguous(out)
+            return
+        out.copy_(self.materialize())

@@ -37,6 +37,11 @@ Source = str | os.PathLike | Mapping
 
 def open_checkpoint(source: Source, trust: bool = False) -> Checkpoint:
     """Read ``source`` (a file, a folder or a mapping) into a :class:`Checkpoint`."""
+    refs = getattr(source, "refs", None)
+    inner = getattr(source, "checkpoint", None)
+    if isinstance(refs, dict) and isinstance(inner, Checkpoint):  # a tg.read() result
+        return Checkpoint(root=dict(refs), format=inner.format, path=inner.path,
+                          placeholders=list(inner.placeholders), metadata=dict(inner.metadata))
     if isinstance(source, Mapping):
         return Checkpoint(root=_wrap_memory(dict(source)), format="memory")
     if isinstance(source, torch.nn.Module):

@@ -67,6 +67,9 @@ def _open_file(path: Path, trust: bool) -> Checkpoint:
             head = f.read(64)
     except OSError as err:
         raise ReadError(f"{path}: cannot open ({err})") from None
+    text = head.lstrip().lower()
+    if not head or text.startswith((b"version https://git-lfs", b"<!doctype html", b"<html")):
+        raise UnsupportedFormatError(f"{path.name}: {describe_unknown(head, path)}")
     if trust and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         return _open_trusted(path)
     for fmt in registered_formats():

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import CorruptCheckpointError
 from ..tensors import FileHandle, FileRef
 from .base import Checkpoint, Format
-from .unpickler import StorageRef, StorageType, make_placeholder, restricted_loads
+from .unpickler import Placeholder, StorageRef, StorageType, make_placeholder, restricted_loads
 
 MAGIC = 0x1950A86A20F9469CFC6C
 # protocol 2, LONG1 of 10 bytes: how the magic number's pickle starts
@@ -43,7 +43,11 @@ class TorchLegacyFormat(Format):
 
         def persistent_load(pid: Any) -> Any:
             if isinstance(pid, tuple) and pid and pid[0] == "module":
-                return make_placeholder("torch.legacy.module_source")()
+                # ('module', <class>, source file, source): the class is already a placeholder
+                cls = pid[1] if len(pid) > 1 else None
+                if isinstance(cls, type) and issubclass(cls, Placeholder):
+                    return cls
+                return make_placeholder("torch.legacy.module_source")
             if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
                 raise CorruptCheckpointError(f"unknown persistent id {pid!r:.80}")
             _, storage_type, key, _location, numel = pid[:5]

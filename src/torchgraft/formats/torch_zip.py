@@ -69,14 +69,14 @@ class TorchZipFormat(Format):
         try:
             with zipfile.ZipFile(path) as zf:
                 return any(n.endswith("data.pkl") for n in zf.namelist())
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        except Exception:  # zipfile raises many types on garbage
             return True  # a broken zip with a .pth-like name still gets a precise error in open
 
     def open(self, path: Path, trust: bool = False) -> Checkpoint:
         fh = FileHandle(path)
         try:
             zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        except Exception as err:  # zipfile raises many types on garbage
             raise CorruptCheckpointError(
                 f"{path.name}: not a readable zip archive ({err}); the file is probably truncated "
                 "or corrupt - download it again"
@@ -98,11 +98,14 @@ class TorchZipFormat(Format):
             pkl_name = sorted(pkl_names, key=len)[0]
             prefix = pkl_name[: -len("data.pkl")]
             byteorder = infos.get(prefix + "byteorder")
-            if byteorder is not None and zf.read(byteorder).strip() not in (b"little", b""):
-                raise UnsupportedFormatError(f"{path.name}: big-endian checkpoints are not supported")
             try:
+                if byteorder is not None and zf.read(byteorder).strip() not in (b"little", b""):
+                    raise UnsupportedFormatError(
+                        f"{path.name}: big-endian checkpoints are not supported")
                 data = zf.read(pkl_name)
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+            except UnsupportedFormatError:
+                raise
+            except Exception as err:  # zipfile raises many types on garbage
                 raise CorruptCheckpointError(f"{path.name}: cannot read {pkl_name}: {err}") from None
 
         storages: dict[str, StorageRef] = {}

@@ -1,0 +1,189 @@
+"""Shared CLI plumbing: the usage error, colour, sizes, tables and the mapping options.
+
+Example:
+    >>> fmt_bytes(14_800_000), fmt_count(3_708_040), fmt_shape((40, 3, 4, 4))
+    ('14.8 MB', '3.71M', '[40, 3, 4, 4]')
+    >>> parse_rename([r"^module\\.=>", "fc=>head"])
+    [('^module\\\\.', ''), ('fc', 'head')]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Any, TextIO
+
+
+class CliError(Exception):
+    """A usage or input problem: printed as one ``torchgraft: error:`` line; exit status 2."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def one_line(message: object) -> str:
+    """Collapse a (possibly multi-line) message into one line."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+# --- colour -----------------------------------------------------------------------------------
+
+
+def use_colour(stream: TextIO) -> bool:
+    """Colour only on a terminal, never with ``NO_COLOR`` set (https://no-color.org)."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class Style:
+    """``Style(stream).red("x")``: ANSI colour when the stream is a colour terminal."""
+
+    CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.on = use_colour(stream or sys.stdout)
+
+    def __getattr__(self, name: str):
+        code = self.CODES.get(name)
+        if code is None:
+            raise AttributeError(name)
+        return lambda text: f"\033[{code}m{text}\033[0m" if self.on else str(text)
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def fmt_bytes(n: int) -> str:
+    """Decimal units, three significant digits."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}" if n < 100 * size else f"{n / size:.0f} {unit}"
+    return f"{n} B"
+
+
+def fmt_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}" if n < 100 * size else f"{n / size:.0f}{unit}"
+    return str(n)
+
+
+def fmt_shape(shape: Any) -> str:
+    return "-" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def table(rows: list[list[str]], indent: int = 2, gap: int = 2) -> list[str]:
+    """Left-aligned columns; the last column is never padded."""
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]
+    out = []
+    for r in rows:
+        cells = [c.ljust(widths[i]) if i < len(r) - 1 else c for i, c in enumerate(r)]
+        out.append(" " * indent + (" " * gap).join(cells).rstrip())
+    return out
+
+
+def print_json(obj: Any, stream: TextIO | None = None) -> None:
+    """The ``--json`` output: one indented JSON document on stdout."""
+    (stream or sys.stdout).write(json.dumps(obj, indent=2, default=str, allow_nan=False) + "\n")
+
+
+# --- options shared by diff, check and convert ------------------------------------------------
+
+MAPPING_HELP = {
+    "select": "container path of the state dict to use, e.g. 'state_dict' or 'model/ema'",
+    "prefix": "keep only names under this prefix and strip it (e.g. 'backbone')",
+    "rename": "rename rule 'REGEX=>REPLACEMENT' (repeatable; applied in order)",
+    "no_auto": "do not reconcile prefixes automatically (module., backbone. ...)",
+    "mismatch": "shape mismatches: 'error' (default) refuses, 'skip' keeps the model's values",
+    "strict": "fail when any name is missing or unexpected",
+    "trust": "allow pickled code to run (only for files you trust)",
+}
+
+
+def add_mapping_options(p: argparse.ArgumentParser, *names: str) -> None:
+    """Add the named mapping options (default: all) with one spelling across commands."""
+    names = names or tuple(MAPPING_HELP)
+    if "select" in names:
+        p.add_argument("--select", metavar="PATH", help=MAPPING_HELP["select"])
+    if "prefix" in names:
+        p.add_argument("--prefix", metavar="P", help=MAPPING_HELP["prefix"])
+    if "rename" in names:
+        p.add_argument("--rename", metavar="'REGEX=>REPL'", action="append",
+                       help=MAPPING_HELP["rename"])
+    if "no_auto" in names:
+        p.add_argument("--no-auto", action="store_true", help=MAPPING_HELP["no_auto"])
+    if "mismatch" in names:
+        p.add_argument("--mismatch", choices=("error", "skip"), default="error",
+                       help=MAPPING_HELP["mismatch"])
+    if "strict" in names:
+        p.add_argument("--strict", action="store_true", help=MAPPING_HELP["strict"])
+    if "trust" in names:
+        p.add_argument("--trust", action="store_true", help=MAPPING_HELP["trust"])
+
+
+def add_model_kwargs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kwargs", metavar="JSON", default=None,
+                   help='keyword arguments for the model spec, e.g. \'{"num_classes": 10}\'')
+
+
+def parse_rename(values: list[str] | None) -> list[tuple[str, str]] | None:
+    """``['REGEX=>REPL', ...]`` → ``[(regex, repl), ...]``; a bad rule is a usage error."""
+    if not values:
+        return None
+    rules = []
+    for value in values:
+        pattern, sep, repl = value.partition("=>")
+        if not sep:
+            raise CliError(f"--rename {value!r}: expected 'REGEX=>REPLACEMENT', "
+                           r"e.g. --rename '^module\.=>'")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise CliError(f"--rename {value!r}: bad regular expression ({err})") from None
+        rules.append((pattern, repl))
+    return rules
+
+
+def parse_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise CliError(f"--kwargs is not valid JSON ({err}); e.g. --kwargs "
+                       "'{\"num_classes\": 10}'") from None
+    if not isinstance(value, dict):
+        raise CliError("--kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    return value
+
+
+def mapping_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``tg.plan`` keyword arguments the parsed mapping options stand for."""
+    return {
+        "select": getattr(args, "select", None),
+        "prefix": getattr(args, "prefix", None),
+        "rename": parse_rename(getattr(args, "rename", None)),
+        "auto": not getattr(args, "no_auto", False),
+        "mismatch": getattr(args, "mismatch", "error"),
+        "strict": getattr(args, "strict", False),
+        "trust": getattr(args, "trust", False),
+    }
+
+
+def existing_path(text: str, what: str = "file") -> str:
+    """A path that must exist, or a usage error naming it."""
+    if not os.path.exists(text):
+        raise CliError(f"{text}: no such {what}")
+    return text

@@ -1,0 +1,149 @@
+"""``torchgraft inspect FILE [--stats] [--json]``: what is in a checkpoint, without loading it.
+
+Without ``--stats`` no tensor data is read (only the container structure and headers).
+
+JSON schema (``--json``), ``"schema": "torchgraft.inspect/1"``::
+
+    {"schema": "torchgraft.inspect/1",
+     "file": str, "size_bytes": int | null, "format": str,        # e.g. "torch-zip"
+     "container": [{"key": str, "type": str, "summary": str,      # one row per top-level key
+                    "value": <JSON value, only when small> | null, "tensors": int}],
+     "candidates": [{"path": str, "tensors": int, "parameters": int, "bytes": int,
+                     "dtypes": {dtype: count}, "ema": bool, "selected": bool}],
+     "selected": str | null,                                      # what tg.read picks
+     "tensors": [{"name": str, "shape": [int], "dtype": str, "nbytes": int,
+                  # with --stats only:
+                  "min": float|null, "max": float|null, "mean": float|null, "std": float|null,
+                  "nan": int, "inf": int, "flags": ["nan" | "inf" | "all_zero"]}],
+     "groups": [{"pattern": str, "count": int, "shape": [int], "dtype": str,
+                 "shapes_vary": bool, "nbytes": int}],
+     "shared": [[name, ...]],                 # names stored once (same storage and view)
+     "provenance": {...} | null,              # written by `torchgraft convert`
+     "aliases": {alias: kept_name},           # convert's record of tensors stored once
+     "metadata": {str: str},                  # other format metadata (safetensors)
+     "placeholders": [str],                   # globals named by the pickle, never executed
+     "notes": [str], "stats": bool}
+
+Placeholders render as ``argparse.Namespace(lr=0.1)`` (from their recorded state).
+
+Example:
+    $ torchgraft inspect epoch_100.pth
+    $ torchgraft inspect model.safetensors --stats --json | jq '.tensors[] | select(.flags != [])'
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..inspect_ import inspect_checkpoint
+from .common import Style, fmt_bytes, fmt_count, fmt_shape, print_json, table
+
+MAX_STATS_ROWS = 400
+
+
+def add_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("inspect", parents=[parent], help="show what a checkpoint holds",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("file", metavar="FILE", help="checkpoint file or folder")
+    p.add_argument("--stats", action="store_true",
+                   help="read the data: min/max/mean/std, NaN/Inf counts, all-zero tensors")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--trust", action="store_true", help="allow pickled code to run")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = inspect_checkpoint(args.file, stats=args.stats, trust=args.trust)
+    if args.json:
+        print_json(info)
+    else:
+        sys.stdout.write("\n".join(render_text(info, Style(sys.stdout))) + "\n")
+    return 0
+
+
+def render_text(info: dict[str, Any], st: Style) -> list[str]:
+    size = f", {fmt_bytes(info['size_bytes'])}" if info["size_bytes"] is not None else ""
+    lines = [st.bold(f"{info['file']}") + f"  ({info['format']}{size})", ""]
+    lines.append(st.bold("container:"))
+    lines += table([[r["key"], r["summary"]] for r in info["container"]])
+    lines.append("")
+    cands = info["candidates"]
+    if cands:
+        lines.append(st.bold(f"state dicts ({len(cands)}; * = what tg.read selects):"))
+        rows = [["*" if c["selected"] else " ", c["path"] or "<top>", f"{c['tensors']} tensors",
+                 f"{fmt_count(c['parameters'])} params", fmt_bytes(c["bytes"]),
+                 ", ".join(f"{d} ({n})" if len(c["dtypes"]) > 1 else d
+                           for d, n in c["dtypes"].items()) + ("  EMA" if c["ema"] else "")]
+                for c in cands]
+        lines += table(rows)
+    else:
+        lines.append(st.yellow("no state dict found: the file holds no tensors"))
+    if info["selected"] is not None:
+        lines.append("")
+        lines += _tensors(info, st)
+    lines += _footer(info, st)
+    return lines
+
+
+def _tensors(info: dict[str, Any], st: Style) -> list[str]:
+    sel = info["selected"] or "<top>"
+    n = len(info["tensors"])
+    if not info["stats"]:
+        groups = info["groups"]
+        lines = [st.bold(f"tensors in '{sel}' ({n} tensors, {len(groups)} groups):")]
+        rows = [[g["pattern"], f"x{g['count']}" if g["count"] > 1 else "",
+                 fmt_shape(g["shape"]) + (" ..." if g["shapes_vary"] else ""), g["dtype"]]
+                for g in groups]
+        return lines + table(rows)
+    lines = [st.bold(f"tensors in '{sel}' ({n} tensors) with statistics:")]
+    rows = [["name", "shape", "dtype", "min", "max", "mean", "std", "flags"]]
+    for t in info["tensors"][:MAX_STATS_ROWS]:
+        rows.append([t["name"], fmt_shape(t["shape"]), t["dtype"]]
+                    + [_num(t[k]) for k in ("min", "max", "mean", "std")]
+                    + [",".join(t["flags"] + ([f"nan={t['nan']}"] if t["nan"] else [])
+                                + ([f"inf={t['inf']}"] if t["inf"] else []))])
+    lines += table(rows)
+    if n > MAX_STATS_ROWS:
+        lines.append(f"  ... and {n - MAX_STATS_ROWS} more (--json lists all)")
+    flagged = {f: [t["name"] for t in info["tensors"] if f in t["flags"]]
+               for f in ("nan", "inf", "all_zero")}
+    for flag, names in flagged.items():
+        if names:
+            shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+            colour = st.red if flag != "all_zero" else st.yellow
+            lines.append(colour(f"  {len(names)} tensor(s) with {flag.replace('_', ' ')}: {shown}"))
+    return lines
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _footer(info: dict[str, Any], st: Style) -> list[str]:
+    lines: list[str] = []
+    for names in info["shared"][:6]:
+        lines.append(f"  shared: {' = '.join(names)} (one storage)")
+    prov = info["provenance"]
+    if prov:
+        lines += ["", st.bold("provenance (written by torchgraft convert):")]
+        src = prov.get("source", {})
+        opts = {k: v for k, v in prov.get("options", {}).items() if v not in (None, [], False)}
+        rows = [["source", f"{src.get('file')}  sha256 {str(src.get('sha256'))[:16]}...  "
+                           f"selected '{src.get('selected')}'"],
+                ["created", f"{prov.get('created')} by torchgraft {prov.get('version')}"],
+                ["options", ", ".join(f"{k}={v}" for k, v in opts.items()) or "none"]]
+        rows += [["rule", r] for r in prov.get("rules", [])]
+        lines += table(rows)
+    for alias, kept in list(info["aliases"].items())[:6]:
+        lines.append(f"  alias: {alias} is stored once as {kept}")
+    meta = info["metadata"]
+    if meta:
+        lines.append("  metadata: " + ", ".join(f"{k}={v}" for k, v in list(meta.items())[:8]))
+    if info["placeholders"]:
+        lines += ["", st.yellow("this file references " + ", ".join(info["placeholders"])
+                                + "; they were not executed")]
+    for note in info["notes"]:
+        lines.append(f"  note: {note}")
+    return lines

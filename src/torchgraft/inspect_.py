@@ -1,0 +1,283 @@
+"""Describe a checkpoint without loading it: container, state dicts, tensors, provenance.
+
+Nothing but the container's structure is read unless ``stats=True``, which reads each tensor
+once (one at a time, converted in float64 chunks) for min/max/mean/std and NaN/Inf counts.
+
+Example:
+    >>> import torch
+    >>> info = inspect_checkpoint({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, stats=True)
+    >>> info["selected"], info["container"][1]["summary"], info["tensors"][0]["flags"]
+    ('state_dict', 'int: 3', ['all_zero'])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import read
+from .errors import SelectError
+from .formats import Checkpoint, open_checkpoint
+from .formats.unpickler import Placeholder
+from .report import group_names
+from .selection import find_candidates
+from .tensors import TensorRef
+
+CHUNK = 1 << 22  # elements per float64 chunk in stats: 32 MB
+INLINE = 110  # longest inline rendering of a container value
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# --- rendering container values -----------------------------------------------------------------
+
+
+def render(obj: Any, depth: int = 0) -> str:
+    """Python-like text for a container value; placeholders as ``qualname(k=v, ...)``."""
+    if isinstance(obj, TensorRef):
+        return f"tensor{list(obj.shape)} {dtype_name(obj.dtype)}"
+    if depth > 3:
+        return "..."
+    if isinstance(obj, Placeholder):
+        state = obj.state
+        if isinstance(state, dict) and all(isinstance(k, str) for k in state):
+            inner = [f"{k}={render(v, depth + 1)}" for k, v in list(state.items())[:12]]
+        else:
+            inner = [render(a, depth + 1) for a in obj.args[:12]]
+            inner += [f"{render(k, depth + 1)}: {render(v, depth + 1)}"
+                      for k, v in list(obj.items.items())[:12]]
+        return f"{obj.qualname}({', '.join(inner)})"
+    if isinstance(obj, dict):
+        items = [f"{render(k, depth + 1)}: {render(v, depth + 1)}" for k, v in
+                 list(obj.items())[:12]]
+        return "{" + ", ".join(items) + (", ..." if len(obj) > 12 else "") + "}"
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        seq = list(obj)
+        body = ", ".join(render(v, depth + 1) for v in seq[:12]) + (", ..." if len(seq) > 12
+                                                                     else "")
+        return {list: f"[{body}]", tuple: f"({body})"}.get(type(obj), "{" + body + "}")
+    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):
+        if getattr(obj, "ndim", 0) == 0 or obj.size <= 12:
+            return repr(obj.tolist())
+        return f"array{list(obj.shape)} {obj.dtype}"
+    if isinstance(obj, bytes):
+        return f"<{len(obj)} bytes>"
+    return repr(obj)
+
+
+def to_json(obj: Any, depth: int = 0) -> Any:
+    """A JSON-safe copy of a container value (placeholders as ``{"object": name, ...}``)."""
+    if isinstance(obj, TensorRef):
+        return {"tensor": list(obj.shape), "dtype": dtype_name(obj.dtype)}
+    if depth > 6:
+        return "..."
+    if isinstance(obj, Placeholder):
+        out: dict[str, Any] = {"object": obj.qualname, "executed": False}
+        if obj.state is not None:
+            out["state"] = to_json(obj.state, depth + 1)
+        if obj.args:
+            out["args"] = to_json(list(obj.args), depth + 1)
+        if obj.items:
+            out["items"] = to_json(obj.items, depth + 1)
+        return out
+    if isinstance(obj, dict):
+        return {str(k): to_json(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_json(v, depth + 1) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):
+        if getattr(obj, "ndim", 0) == 0 or obj.size <= 64:
+            return to_json(obj.tolist(), depth + 1)
+    return render(obj)
+
+
+def _count_tensors(obj: Any, depth: int = 0) -> int:
+    if isinstance(obj, TensorRef):
+        return 1
+    if depth > 20:
+        return 0
+    if isinstance(obj, dict):
+        return sum(_count_tensors(v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_count_tensors(v, depth + 1) for v in obj)
+    return 0
+
+
+def describe_value(key: str, value: Any, candidate_paths: set[str]) -> dict[str, Any]:
+    """One container row: ``key``, ``type``, ``summary`` text, JSON ``value`` when small."""
+    n = _count_tensors(value)
+    if isinstance(value, dict) and key in candidate_paths:
+        direct = sum(isinstance(v, TensorRef) for v in value.values())
+        extra = f" (+{n - direct} nested)" if n > direct else ""
+        return {"key": key, "type": "state_dict", "summary": f"state dict: {direct} tensors{extra}",
+                "value": None, "tensors": n}
+    text = render(value)
+    kind = type(value).__name__ if not isinstance(value, Placeholder) else "object"
+    small = n == 0 and len(text) <= INLINE
+    if isinstance(value, Placeholder):
+        summary = f"{text}  (not executed)" if small else f"{value.qualname}(...)  (not executed)"
+    elif small:
+        summary = f"{kind}: {text}"
+    elif isinstance(value, dict):
+        keys = ", ".join(str(k) for k in list(value)[:6]) + (", ..." if len(value) > 6 else "")
+        summary = f"dict with {len(value)} keys: {keys}"
+    elif isinstance(value, (list, tuple)):
+        summary = f"{kind} of {len(value)} items"
+    else:
+        summary = f"{kind}: {text[:INLINE]}..."
+    if n:
+        summary += f" ({n} tensors)"
+    return {"key": key, "type": kind, "summary": summary,
+            "value": to_json(value) if small else None, "tensors": n}
+
+
+def describe_container(root: Any, candidate_paths: set[str]) -> list[dict[str, Any]]:
+    if not isinstance(root, dict):
+        return [describe_value("<root>", root, candidate_paths)]
+    rows = []
+    top = [k for k, v in root.items() if isinstance(v, TensorRef)]
+    if top:
+        rows.append({"key": "<top>", "type": "state_dict", "value": None, "tensors": len(top),
+                     "summary": f"state dict: {len(top)} tensors at the top level"})
+    for key, value in root.items():
+        if not isinstance(value, TensorRef):
+            rows.append(describe_value(str(key), value, candidate_paths))
+    return rows
+
+
+# --- tensors, groups, stats ---------------------------------------------------------------------
+
+
+def group_tensors(refs: dict[str, TensorRef]) -> list[dict[str, Any]]:
+    """Fold names that differ only in layer indices; shape/dtype of the first, and a count."""
+    groups: dict[tuple, list[str]] = {}
+    for name in refs:
+        key = tuple("#" if p.isdigit() else p for p in name.split("."))
+        groups.setdefault(key, []).append(name)
+    out = []
+    for members in groups.values():
+        first = refs[members[0]]
+        out.append({
+            "pattern": group_names(members)[0] if len(members) > 1 else members[0],
+            "count": len(members), "shape": list(first.shape), "dtype": dtype_name(first.dtype),
+            "shapes_vary": any(refs[m].shape != first.shape for m in members),
+            "nbytes": sum(refs[m].nbytes for m in members),
+        })
+    return out
+
+
+def tensor_stats(t: torch.Tensor, chunk: int = CHUNK) -> dict[str, Any]:
+    """min/max/mean/std over finite values, NaN/Inf counts and flags, in float64 chunks."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    flat = t.reshape(-1)
+    nan = inf = count = 0
+    mean = m2 = 0.0
+    lo, hi = math.inf, -math.inf
+    nonzero = False
+    for start in range(0, flat.numel(), chunk):
+        c = flat[start:start + chunk].to(torch.float64)
+        finite = torch.isfinite(c)
+        nan += int(torch.isnan(c).sum())
+        inf += int(torch.isinf(c).sum())
+        nonzero = nonzero or bool((c != 0).any())
+        v = c[finite]
+        if v.numel():
+            n_b, mean_b = v.numel(), float(v.mean())
+            m2_b = float(((v - mean_b) ** 2).sum())
+            delta, total = mean_b - mean, count + n_b
+            mean += delta * n_b / total
+            m2 += m2_b + delta * delta * count * n_b / total
+            count = total
+            lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+    flags = [f for f, on in (("nan", nan), ("inf", inf), ("all_zero", flat.numel() and not nonzero))
+             if on]
+    return {"min": lo if count else None, "max": hi if count else None,
+            "mean": mean if count else None,
+            "std": math.sqrt(m2 / (count - 1)) if count > 1 else (0.0 if count else None),
+            "nan": nan, "inf": inf, "flags": flags}
+
+
+def shared_groups(refs: dict[str, TensorRef]) -> list[list[str]]:
+    """Names that are the same view of the same storage (stored once in the file)."""
+    by_key: dict[Any, list[str]] = {}
+    for name, ref in refs.items():
+        by_key.setdefault(ref.alias_key(), []).append(name)
+    return [names for names in by_key.values() if len(names) > 1]
+
+
+def provenance(ckpt: Checkpoint) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """What ``torchgraft convert`` recorded: (provenance, aliases) from either file type."""
+    meta: dict[str, Any] = dict(ckpt.metadata)
+    if isinstance(ckpt.root, dict) and isinstance(ckpt.root.get("__torchgraft__"), dict):
+        meta.update({str(k): v for k, v in ckpt.root["__torchgraft__"].items()})
+    out: list[Any] = []
+    for key in ("torchgraft", "torchgraft.aliases"):
+        try:
+            out.append(json.loads(meta[key]) if isinstance(meta.get(key), str) else None)
+        except ValueError:
+            out.append({"unparsable": meta[key]})
+    return out[0], out[1] or {}
+
+
+def inspect_checkpoint(source: Any, *, stats: bool = False, trust: bool = False) -> dict[str, Any]:
+    """Everything ``torchgraft inspect`` shows, as a JSON-safe dict (schema ``inspect/1``)."""
+    try:
+        sd = read(source, trust=trust)
+        ckpt, selected = sd.checkpoint, sd.selected
+    except SelectError:
+        ckpt, selected = open_checkpoint(source, trust=trust), None
+    cands = find_candidates(ckpt.root)
+    chosen = next((c for c in cands if c.path == selected), None)
+    refs = chosen.tensors if chosen else {}
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    prov, aliases = provenance(ckpt)
+    tensors = []
+    for name, ref in refs.items():
+        row: dict[str, Any] = {"name": name, "shape": list(ref.shape),
+                               "dtype": dtype_name(ref.dtype), "nbytes": ref.nbytes}
+        if stats:
+            row.update(tensor_stats(ref.materialize()))
+        tensors.append(row)
+    return {
+        "schema": "torchgraft.inspect/1",
+        "file": str(path) if path else "<in-memory>",
+        "size_bytes": _size(path),
+        "format": ckpt.format,
+        "container": describe_container(ckpt.root, {c.path for c in cands}),
+        "candidates": [{
+            "path": c.path, "tensors": len(c.tensors),
+            "parameters": sum(r.numel for r in c.tensors.values()),
+            "bytes": sum(r.nbytes for r in c.tensors.values()),
+            "dtypes": dict(Counter(dtype_name(r.dtype) for r in c.tensors.values())),
+            "ema": c.is_ema, "selected": c.path == selected} for c in cands],
+        "selected": selected,
+        "tensors": tensors,
+        "groups": group_tensors(refs),
+        "shared": shared_groups(refs),
+        "provenance": prov,
+        "aliases": aliases,
+        "metadata": {k: v for k, v in ckpt.metadata.items() if not k.startswith("torchgraft")},
+        "placeholders": list(ckpt.placeholders),
+        "notes": list(ckpt.notes),
+        "stats": stats,
+    }
+
+
+def _size(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size

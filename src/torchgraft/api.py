@@ -12,6 +12,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -29,6 +31,19 @@ from .selection import Candidate, describe_container, find_candidates, rank, res
 from .tensors import TensorRef
 
 Source = str | os.PathLike | Mapping
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: planning makes many small acyclic objects, and its
+    generation scans would otherwise make large checkpoints cost more than linear time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class StateDict(Mapping):
@@ -136,7 +151,8 @@ def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
         >>> r.ok, [e.target for e in r.mismatched]
         (False, ['weight', 'bias'])
     """
-    report, _, _ = _plan(model, source, select, prefix, rename, auto, mismatch, strict, trust)
+    with gc_paused():
+        report, _, _ = _plan(model, source, select, prefix, rename, auto, mismatch, strict, trust)
     return report
 
 
@@ -197,15 +213,17 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
         >>> r.ok, [e.target for e in r.mismatched]
         (True, ['1.weight', '1.bias'])
     """
-    report, p, error = _plan(model, source, select, prefix, rename, auto, mismatch, strict, trust)
-    if error is not None:
-        raise error
-    total = sum(c.ref.nbytes for c in p.copies)
-    bar = ProgressBar.maybe(total, progress, label=os.path.basename(report.source))
-    try:
-        apply_copies(model, p.copies, progress=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
+    with gc_paused():
+        report, p, error = _plan(model, source, select, prefix, rename, auto, mismatch, strict,
+                                 trust)
+        if error is not None:
+            raise error
+        total = sum(c.ref.nbytes for c in p.copies)
+        bar = ProgressBar.maybe(total, progress, label=os.path.basename(report.source))
+        try:
+            apply_copies(model, p.copies, progress=bar.update if bar else None)
+        finally:
+            if bar:
+                bar.close()
     report.applied = True
     return report

@@ -130,8 +130,9 @@ def describe_value(key: str, value: Any, candidate_paths: set[str]) -> dict[str,
     elif small:
         summary = f"{kind}: {text}"
     elif isinstance(value, dict):
-        keys = ", ".join(str(k) for k in list(value)[:6]) + (", ..." if len(value) > 6 else "")
-        summary = f"dict with {len(value)} keys: {keys}"
+        keys = ", ".join(_short(str(k)) for k in list(value)[:6]) + (", ..." if len(value) > 6
+                                                                       else "")
+        summary = f"dict with {len(value)} key{'s' if len(value) != 1 else ''}: {keys}"
     elif isinstance(value, (list, tuple)):
         summary = f"{kind} of {len(value)} items"
     else:
@@ -140,6 +141,10 @@ def describe_value(key: str, value: Any, candidate_paths: set[str]) -> dict[str,
         summary += f" ({n} tensors)"
     return {"key": key, "type": kind, "summary": summary,
             "value": to_json(value) if small else None, "tensors": n}
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def describe_container(root: Any, candidate_paths: set[str]) -> list[dict[str, Any]]:
@@ -171,7 +176,7 @@ def group_tensors(refs: dict[str, TensorRef]) -> list[dict[str, Any]]:
         out.append({
             "pattern": group_names(members)[0] if len(members) > 1 else members[0],
             "count": len(members), "shape": list(first.shape), "dtype": dtype_name(first.dtype),
-            "shapes_vary": any(refs[m].shape != first.shape for m in members),
+            "shapes": len({refs[m].shape for m in members}),
             "nbytes": sum(refs[m].nbytes for m in members),
         })
     return out

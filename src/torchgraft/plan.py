@@ -65,8 +65,14 @@ def model_slots(model: torch.nn.Module) -> dict[str, Slot]:
     return slots
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
 def _dtype(d: torch.dtype) -> str:
-    return str(d).replace("torch.", "")
+    name = _DTYPE_NAMES.get(d)
+    if name is None:
+        name = _DTYPE_NAMES[d] = str(d).replace("torch.", "")
+    return name
 
 
 def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap,

@@ -15,7 +15,7 @@ from typing import Any
 ACTIONS = ("copied", "cast", "skipped", "missing", "unexpected")
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One model tensor or one unused checkpoint tensor."""
 

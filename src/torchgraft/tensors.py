@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import threading
@@ -49,11 +50,12 @@ def is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
-    """A writable memoryview over a contiguous CPU tensor's bytes (no copy)."""
-    flat = tensor.detach().reshape(-1)
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
+    """A writable memoryview over a contiguous CPU tensor's bytes (no copy).
+
+    The view borrows the tensor's memory: keep the tensor alive while using it.
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 class TensorRef:
@@ -191,22 +193,34 @@ class FileRef(TensorRef):
         self.offset = offset
         self.dtype = dtype
         self.shape = tuple(shape)
-        self.stride = tuple(stride) if stride is not None else contiguous_strides(self.shape)
+        self._stride = tuple(stride) if stride is not None else None
         self.elem_offset = elem_offset
         self.storage_key = storage_key if storage_key is not None else (id(file), offset)
+        self._numel = math.prod(self.shape)
+        self.contiguous = stride is None or is_contiguous(self.shape, self._stride)
+        if self._numel == 0:
+            self._span = 0
+        elif self.contiguous:
+            self._span = self._numel
+        else:
+            self._span = 1 + sum((d - 1) * s for d, s in zip(self.shape, self.stride))
+
+    @property
+    def numel(self) -> int:
+        return self._numel
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        if self._stride is None:
+            self._stride = contiguous_strides(self.shape)
+        return self._stride
 
     def alias_key(self) -> Hashable:
         return ("file", self.storage_key, self.elem_offset, self.shape, self.stride, self.dtype)
 
-    @property
-    def contiguous(self) -> bool:
-        return is_contiguous(self.shape, self.stride)
-
     def span_elems(self) -> int:
         """Elements of storage this view touches, from ``elem_offset`` on."""
-        if self.numel == 0:
-            return 0
-        return 1 + sum((d - 1) * s for d, s in zip(self.shape, self.stride))
+        return self._span
 
     def byte_range(self) -> tuple[int, int]:
         item = self.dtype.itemsize

@@ -74,6 +74,11 @@ def fmt_count(n: int) -> str:
     return str(n)
 
 
+def fmt_pct(frac: float) -> str:
+    """``100%`` only when everything is there; never rounds up to it."""
+    return "100%" if frac >= 1.0 else f"{min(frac * 100, 99.99):.2f}%"
+
+
 def fmt_shape(shape: Any) -> str:
     return "-" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
 

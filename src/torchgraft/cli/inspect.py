@@ -16,7 +16,8 @@ JSON schema (``--json``), ``"schema": "torchgraft.inspect/1"``::
                   "min": float|null, "max": float|null, "mean": float|null, "std": float|null,
                   "nan": int, "inf": int, "flags": ["nan" | "inf" | "all_zero"]}],
      "groups": [{"pattern": str, "count": int, "shape": [int], "dtype": str,
-                 "shapes_vary": bool, "nbytes": int}],
+                 "shapes": int,              # distinct shapes in the group; shape is the first
+                 "nbytes": int}],
      "shared": [[name, ...]],                 # names stored once (same storage and view)
      "provenance": {...} | null,              # written by `torchgraft convert`
      "aliases": {alias: kept_name},           # convert's record of tensors stored once
@@ -40,6 +41,7 @@ from typing import Any
 from ..inspect_ import inspect_checkpoint
 from .common import Style, fmt_bytes, fmt_count, fmt_shape, print_json, table
 
+MAX_ROWS = 200
 MAX_STATS_ROWS = 400
 
 
@@ -94,9 +96,14 @@ def _tensors(info: dict[str, Any], st: Style) -> list[str]:
         groups = info["groups"]
         lines = [st.bold(f"tensors in '{sel}' ({n} tensors, {len(groups)} groups):")]
         rows = [[g["pattern"], f"x{g['count']}" if g["count"] > 1 else "",
-                 fmt_shape(g["shape"]) + (" ..." if g["shapes_vary"] else ""), g["dtype"]]
-                for g in groups]
-        return lines + table(rows)
+                 fmt_shape(g["shape"]) + ("*" if g["shapes"] > 1 else ""), g["dtype"]]
+                for g in groups[:MAX_ROWS]]
+        lines += table(rows)
+        if len(groups) > MAX_ROWS:
+            lines.append(f"  ... and {len(groups) - MAX_ROWS} more groups (--json lists all)")
+        if any(g["shapes"] > 1 for g in groups):
+            lines.append(st.dim("  * shape of the first tensor; the group has several shapes"))
+        return lines
     lines = [st.bold(f"tensors in '{sel}' ({n} tensors) with statistics:")]
     rows = [["name", "shape", "dtype", "min", "max", "mean", "std", "flags"]]
     for t in info["tensors"][:MAX_STATS_ROWS]:
@@ -131,7 +138,7 @@ def _footer(info: dict[str, Any], st: Style) -> list[str]:
         src = prov.get("source", {})
         opts = {k: v for k, v in prov.get("options", {}).items() if v not in (None, [], False)}
         rows = [["source", f"{src.get('file')}  sha256 {str(src.get('sha256'))[:16]}...  "
-                           f"selected '{src.get('selected')}'"],
+                           f"selected '{src.get('selected') or '<top>'}'"],
                 ["created", f"{prov.get('created')} by torchgraft {prov.get('version')}"],
                 ["options", ", ".join(f"{k}={v}" for k, v in opts.items()) or "none"]]
         rows += [["rule", r] for r in prov.get("rules", [])]
@@ -142,8 +149,10 @@ def _footer(info: dict[str, Any], st: Style) -> list[str]:
     if meta:
         lines.append("  metadata: " + ", ".join(f"{k}={v}" for k, v in list(meta.items())[:8]))
     if info["placeholders"]:
-        lines += ["", st.yellow("this file references " + ", ".join(info["placeholders"])
-                                + "; they were not executed")]
+        names = info["placeholders"]
+        lines += ["", st.yellow("this file references " + ", ".join(names)
+                                + ("; it was" if len(names) == 1 else "; they were")
+                                + " not executed (inert placeholders)")]
     for note in info["notes"]:
         lines.append(f"  note: {note}")
     return lines

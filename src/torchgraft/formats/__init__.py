@@ -64,7 +64,7 @@ def open_checkpoint(source: Source, trust: bool = False) -> Checkpoint:
 def _open_file(path: Path, trust: bool) -> Checkpoint:
     try:
         with open(path, "rb") as f:
-            head = f.read(64)
+            head = f.read(512)
     except OSError as err:
         raise ReadError(f"{path}: cannot open ({err})") from None
     text = head.lstrip().lower()

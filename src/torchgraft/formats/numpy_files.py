@@ -25,7 +25,7 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..tensors import FileHandle, FileRef, MemoryRef, TensorRef
 from .base import Checkpoint, Format
-from .torch_zip import _data_offsets
+from .torch_zip import _data_offsets, first_member_name
 from .unpickler import restricted_loads
 
 
@@ -81,13 +81,8 @@ class NpzFormat(Format):
     name = "npz"
 
     def sniff(self, path: Path, head: bytes) -> bool:
-        if not head.startswith(b"PK\x03\x04"):
-            return False
-        try:
-            with zipfile.ZipFile(path) as zf:
-                return any(n.endswith(".npy") for n in zf.namelist())
-        except Exception:  # zipfile raises many types on garbage
-            return path.suffix == ".npz"
+        first = first_member_name(head)
+        return first is not None and first.endswith(".npy")
 
     def open(self, path: Path, trust: bool = False) -> Checkpoint:
         fh = FileHandle(path)

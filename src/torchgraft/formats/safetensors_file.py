@@ -41,12 +41,24 @@ MAX_HEADER = 100 * 1024 * 1024
 
 
 def _no_duplicates(pairs: list) -> dict:
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise CorruptCheckpointError(f"duplicate tensor name {key!r} in header")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise CorruptCheckpointError(f"duplicate tensor name {dup!r} in header")
     return out
+
+
+def _numel(dims: object) -> int | None:
+    """Product of a JSON list of non-negative ints, or None when it is anything else."""
+    if type(dims) is not list:
+        return None
+    try:
+        if dims and (min(dims) < 0 or not all(type(d) is int for d in dims)):
+            return None
+        return math.prod(dims)
+    except TypeError:
+        return None
 
 
 class SafetensorsFormat(Format):
@@ -79,11 +91,14 @@ class SafetensorsFormat(Format):
                 f"header claims {n} bytes but the file has {fh.size} (header too large: "
                 "truncated or not a safetensors file)"
             )
+        raw = fh.pread(8, n)
         try:
-            header = json.loads(fh.pread(8, n), object_pairs_hook=_no_duplicates)
+            header = json.loads(raw)
+            if isinstance(header, dict) and raw.count(b'"data_offsets"') > len(header):
+                json.loads(raw, object_pairs_hook=_no_duplicates)  # find and name the duplicate
         except CorruptCheckpointError:
             raise
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
             raise CorruptCheckpointError(f"header is not valid JSON ({err})") from None
         if not isinstance(header, dict):
             raise CorruptCheckpointError("header is not a JSON object")
@@ -101,12 +116,10 @@ class SafetensorsFormat(Format):
             if dtype is None:
                 raise CorruptCheckpointError(f"{name!r}: unknown dtype {entry.get('dtype')!r}")
             shape, offs = entry.get("shape"), entry.get("data_offsets")
-            if not isinstance(shape, list) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-            ):
+            numel = _numel(shape)
+            if numel is None:
                 raise CorruptCheckpointError(f"{name!r}: bad shape {shape!r}")
-            if (not isinstance(offs, list) or len(offs) != 2
-                    or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            if type(offs) is not list or len(offs) != 2 or _numel(offs) is None:
                 raise CorruptCheckpointError(f"{name!r}: bad data_offsets {offs!r}")
             begin, end = offs
             if not 0 <= begin <= end <= data_len:
@@ -114,7 +127,7 @@ class SafetensorsFormat(Format):
                     f"{name!r}: bytes {begin}..{end} lie outside the {data_len} data bytes "
                     "(truncated file or corrupt header)"
                 )
-            if end - begin != math.prod(shape) * dtype.itemsize:
+            if end - begin != numel * dtype.itemsize:
                 raise CorruptCheckpointError(
                     f"{name!r}: {end - begin} bytes do not fit shape {shape} of {dtype}"
                 )

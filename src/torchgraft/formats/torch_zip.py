@@ -34,6 +34,14 @@ _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _WINDOW = 16 * 1024
 
 
+def first_member_name(head: bytes) -> str | None:
+    """Name of a zip's first member from the file's first bytes, or None if not a zip."""
+    if not head.startswith(b"PK\x03\x04") or len(head) < 30:
+        return None
+    name_len = struct.unpack_from("<H", head, 26)[0]
+    return head[30:30 + name_len].decode("utf-8", "replace")
+
+
 def _data_offsets(fh: FileHandle, infos: list[zipfile.ZipInfo]) -> dict[str, int]:
     """Byte offset of each member's data (after its local header), reading headers in windows.
 
@@ -64,13 +72,11 @@ class TorchZipFormat(Format):
     name = "torch-zip"
 
     def sniff(self, path: Path, head: bytes) -> bool:
-        if not head.startswith(b"PK\x03\x04"):
+        first = first_member_name(head)
+        if first is None:
             return False
-        try:
-            with zipfile.ZipFile(path) as zf:
-                return any(n.endswith("data.pkl") for n in zf.namelist())
-        except Exception:  # zipfile raises many types on garbage
-            return True  # a broken zip with a .pth-like name still gets a precise error in open
+        # torch writes data.pkl first; anything else that is not .npy gets a precise error here
+        return first.endswith("data.pkl") or not first.endswith(".npy")
 
     def open(self, path: Path, trust: bool = False) -> Checkpoint:
         fh = FileHandle(path)

@@ -66,7 +66,8 @@ def classifier_names(model: torch.nn.Module) -> list[str]:
     for path, module in model.named_modules():
         if any(path.startswith(t) for t in taken):
             continue
-        names = _classifiers(getattr(module, "pretrained_cfg", None))
+        # the instance's own attribute: torch.compile's wrapper forwards getattr to the model
+        names = _classifiers(vars(module).get("pretrained_cfg"))
         if not names:
             continue
         base = f"{path}." if path else ""

@@ -1,0 +1,94 @@
+"""``torchgraft check SRC --model SPEC``: would SRC load into the model? (a CI gate)
+
+Options: ``--min-loaded F`` (fraction of the model's elements that must be loaded, default
+0.99), ``--strict`` (also fail on any missing or unexpected name), ``--kwargs JSON``, ``--json``
+and the mapping options ``--select --prefix --rename --no-auto --mismatch --trust``.
+
+Exit status: 0 when the plan is ok, at least ``--min-loaded`` of the model is loaded and (with
+``--strict``) nothing is missing or unexpected; 1 otherwise; 2 on usage or read errors.
+
+JSON schema (``--json``), ``"schema": "torchgraft.check/1"``::
+
+    {"schema": "torchgraft.check/1", "ok": bool, "exit_code": 0 | 1,
+     "model": str, "min_loaded": float, "strict": bool,
+     "loaded_fraction": float,
+     "reasons": [str],                      # why it failed; empty when ok
+     "report": <LoadReport.to_dict()>}      # the plan, exactly as tg.plan makes it
+
+Example:
+    $ torchgraft check epoch_100.pth --model timm:convnext_tiny --prefix backbone
+    $ torchgraft check ckpt.pth --model 'timm:resnet18?num_classes=10' --strict --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..api import plan
+from .common import (
+    Style,
+    add_mapping_options,
+    add_model_kwargs,
+    fmt_pct,
+    mapping_kwargs,
+    parse_kwargs,
+    print_json,
+)
+from .specs import build_model
+
+
+def add_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("check", parents=[parent], help="check that a checkpoint loads into a "
+                       "model", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", metavar="SRC", help="checkpoint file or folder")
+    p.add_argument("--model", metavar="SPEC", required=True,
+                   help="the model: timm:NAME, transformers:CLASS?config=..., module:callable")
+    add_model_kwargs(p)
+    p.add_argument("--min-loaded", metavar="F", type=_fraction, default=0.99,
+                   help="fraction of model elements that must load (default 0.99)")
+    add_mapping_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=run)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1 (or 0% and 100%)")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    options = mapping_kwargs(args)
+    model = build_model(args.model, parse_kwargs(args.kwargs))
+    report = plan(model, args.src, **options)
+    reasons = []
+    if not report.ok:
+        reasons.append(f"the load would fail: {report.error.splitlines()[0]}"
+                       if report.error else "the load would fail")
+    if report.loaded_fraction < args.min_loaded:
+        reasons.append(f"only {fmt_pct(report.loaded_fraction)} of the model's elements would be "
+                       f"loaded; --min-loaded is {fmt_pct(args.min_loaded)}")
+    if args.strict and (report.missing_keys or report.unexpected_keys) and report.ok:
+        reasons.append(f"--strict: {len(report.missing_keys)} missing, "
+                       f"{len(report.unexpected_keys)} unexpected")
+    code = 1 if reasons else 0
+    if args.json:
+        print_json({"schema": "torchgraft.check/1", "ok": not reasons, "exit_code": code,
+                    "model": args.model, "min_loaded": args.min_loaded, "strict": args.strict,
+                    "loaded_fraction": report.loaded_fraction, "reasons": reasons,
+                    "report": report.to_dict()})
+        return code
+    st = Style(sys.stdout)
+    print(str(report))
+    if reasons:
+        print(st.red("check FAILED: " + "; ".join(reasons)))
+    else:
+        print(st.green(f"check OK: {args.src} loads into {args.model} "
+                       f"({fmt_pct(report.loaded_fraction)} of its elements)"))
+    return code

@@ -1,0 +1,164 @@
+"""What ``torchgraft diff`` computes: did-you-mean suggestions and checkpoint-vs-checkpoint diffs.
+
+Example:
+    >>> import torch
+    >>> d = checkpoint_diff({"a": torch.ones(2), "b": torch.ones(3)},
+    ...                     {"a": torch.zeros(2), "c": torch.ones(3)}, values=True)
+    >>> d["removed"][0]["name"], d["added"][0]["name"], d["values"][0]["max_abs_diff"]
+    ('b', 'c', 1.0)
+    >>> suggest("head.weight", (10, 8), [("head.fc.weight", (10, 8)), ("stem.bias", (8,))])
+    [{'name': 'head.fc.weight', 'shape': [10, 8], 'similarity': 0.88}]
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+
+from ..api import read
+from ..errors import PrefixNotFoundError, SelectError
+from ..names import Rename, map_names, strip_wrappers
+from ..report import LoadReport
+from ..tensors import TensorRef
+
+CUTOFF = 0.5
+SHAPE_BONUS = 0.25
+MAX_POOL = 2000
+CHUNK = 1 << 22
+
+
+def suggest(name: str, shape: Any, pool: list[tuple[str, Any]], n: int = 3) -> list[dict]:
+    """Closest names in ``pool`` by difflib similarity, equal shapes preferred."""
+    sm = difflib.SequenceMatcher(None, autojunk=False)
+    sm.set_seq2(name)
+    scored = []
+    for other, other_shape in pool[:MAX_POOL]:
+        best = 0.0
+        for candidate in {other, strip_wrappers(other)}:
+            sm.set_seq1(candidate)
+            if sm.real_quick_ratio() >= CUTOFF and sm.quick_ratio() >= CUTOFF:
+                best = max(best, sm.ratio())
+        if best >= CUTOFF:
+            same = other_shape is not None and tuple(other_shape) == tuple(shape or ())
+            scored.append((best + (SHAPE_BONUS if same else 0.0), other, other_shape, best))
+    scored.sort(key=lambda s: (-s[0], s[1]))
+    return [{"name": o, "shape": list(s) if s is not None else None, "similarity": round(r, 2)}
+            for _, o, s, r in scored[:n]]
+
+
+def plan_suggestions(report: LoadReport) -> dict[str, dict[str, list[dict]]]:
+    """Did-you-mean for every missing model name and every unexpected checkpoint name."""
+    missing = [(e.target, e.target_shape) for e in report.entries if e.action == "missing"]
+    unexpected = [(e.source, e.source_shape) for e in report.entries if e.action == "unexpected"]
+    return {
+        "missing": {n: suggest(n, s, unexpected) for n, s in missing[:MAX_POOL] if unexpected},
+        "unexpected": {n: suggest(n, s, missing) for n, s in unexpected[:MAX_POOL] if missing},
+    }
+
+
+def renamed(report: LoadReport) -> list[dict[str, str]]:
+    """Entries loaded under another name, with the rule that renamed them."""
+    return [{"source": e.source, "target": e.target, "reason": e.reason} for e in report.entries
+            if e.action in ("copied", "cast") and e.source and e.target and e.source != e.target]
+
+
+# --- checkpoint vs checkpoint -------------------------------------------------------------------
+
+
+def _read(source: Any, select: str | None, trust: bool, notes: list[str], label: str):
+    try:
+        return read(source, select, trust=trust)
+    except SelectError:
+        if select is None:
+            raise
+        notes.append(f"{label}: has no {select!r}; compared what tg.read selects")
+        return read(source, None, trust=trust)
+
+
+def _names(refs: dict[str, TensorRef], other: dict[str, tuple] | None, prefix: str | None,
+           rename: Rename, auto: bool, notes: list[str], label: str) -> tuple[dict, list[str]]:
+    shapes = {n: r.shape for n, r in refs.items()}
+    try:
+        nm = map_names(shapes, other, prefix=prefix, rename=rename, auto=auto)
+    except PrefixNotFoundError:
+        notes.append(f"{label}: no name under prefix {prefix!r}; compared as is")
+        nm = map_names(shapes, other, prefix=None, rename=rename, auto=auto)
+    return {nm.target[s]: s for s in refs if s in nm.target}, [f"{label}: {r}" for r in nm.rules]
+
+
+def value_diff(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK) -> dict[str, Any]:
+    """Max |a-b| over elements (float64, chunked) and how many elements differ."""
+    if a.is_complex():
+        a = torch.view_as_real(a)
+    if b.is_complex():
+        b = torch.view_as_real(b)
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    worst, differing, finite = 0.0, 0, True
+    for i in range(0, fa.numel(), chunk):
+        x, y = fa[i:i + chunk].to(torch.float64), fb[i:i + chunk].to(torch.float64)
+        same = (x == y) | (torch.isnan(x) & torch.isnan(y))
+        differing += int((~same).sum())
+        d = torch.where(same, torch.zeros_like(x), (x - y).abs())
+        if bool((~torch.isfinite(d)).any()):
+            finite = False
+            d = d[torch.isfinite(d)]
+        if d.numel():
+            worst = max(worst, float(d.max()))
+    return {"max_abs_diff": worst if finite else None, "differing": differing,
+            "numel": fa.numel()}
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    u8 = lambda t: t.contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(u8(a), u8(b))
+
+
+def checkpoint_diff(a: Any, b: Any, *, select: str | None = None, prefix: str | None = None,
+                    rename: Rename = None, auto: bool = True, trust: bool = False,
+                    values: bool = False) -> dict[str, Any]:
+    """Added/removed/changed tensors between two sources (and, with ``values``, values)."""
+    notes: list[str] = []
+    sa = _read(a, select, trust, notes, "A")
+    sb = _read(b, select, trust, notes, "B")
+    b_map, b_rules = _names(sb.refs, None, prefix, rename, False, notes, "B")
+    b_shapes = {n: sb.refs[s].shape for n, s in b_map.items()}
+    a_map, a_rules = _names(sa.refs, b_shapes, prefix, rename, auto, notes, "A")
+    row = lambda n, ref: {"name": n, "shape": list(ref.shape),  # noqa: E731
+                          "dtype": str(ref.dtype).replace("torch.", "")}
+    removed = [row(n, sa.refs[s]) for n, s in a_map.items() if n not in b_map]
+    added = [row(n, sb.refs[s]) for n, s in b_map.items() if n not in a_map]
+    changed, diffs, same = [], [], 0
+    for name, s in a_map.items():
+        if name not in b_map:
+            continue
+        ra, rb = sa.refs[s], sb.refs[b_map[name]]
+        entry: dict[str, Any] = {"name": name, "a_shape": list(ra.shape),
+                                 "b_shape": list(rb.shape), "a_dtype": row(name, ra)["dtype"],
+                                 "b_dtype": row(name, rb)["dtype"]}
+        if ra.shape != rb.shape or ra.dtype != rb.dtype:
+            if values and ra.shape == rb.shape:
+                entry.update(value_diff(ra.materialize(), rb.materialize()))
+            changed.append(entry)
+            continue
+        if values:
+            ta, tb = ra.materialize(), rb.materialize()
+            if not _bits_equal(ta, tb):
+                diffs.append({"name": name, **value_diff(ta, tb)})
+                continue
+        same += 1
+    identical = not (removed or added or changed or diffs)
+    return {"kind": "checkpoints", "identical": identical,
+            "a": {"source": _label(a), "format": sa.format, "selected": sa.selected,
+                  "tensors": len(sa)},
+            "b": {"source": _label(b), "format": sb.format, "selected": sb.selected,
+                  "tensors": len(sb)},
+            "rules": a_rules + b_rules, "notes": notes, "removed": removed, "added": added,
+            "changed": changed, "values": diffs if values else None, "same": same,
+            "values_compared": values}
+
+
+def _label(source: Any) -> str:
+    return str(source) if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") \
+        else type(source).__name__

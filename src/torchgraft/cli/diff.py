@@ -1,0 +1,250 @@
+"""``torchgraft diff A B``: compare a checkpoint with a model, or two checkpoints.
+
+A and B are each a checkpoint path or a model spec (``timm:NAME``, ``transformers:CLASS...``,
+``module:callable``; an existing path always counts as a checkpoint). Options: ``--json``,
+``--values``, ``--kwargs JSON`` and ``--select --prefix --rename --no-auto --mismatch --strict
+--trust``.
+
+* Checkpoint vs model (either order): the load plan exactly as ``tg.plan`` makes it: copied,
+  renamed (and by which rule), cast, shape mismatches with both shapes, missing and unexpected,
+  grouped, with "did you mean" for every unmatched name (closest names on the other side by
+  similarity, equal shapes first). Exit 0 when the plan would load, 1 when it would fail.
+* Checkpoint vs checkpoint: tensors only in A (removed), only in B (added), with another shape
+  or dtype (changed); with ``--values`` also tensors whose values differ (max abs difference,
+  compared one tensor at a time). Mapping options apply to both sides; auto-reconciliation maps
+  A's names onto B's. Exit 0 when there is no difference, 1 otherwise.
+
+JSON schema (``--json``), ``"schema": "torchgraft.diff/1"``, ``kind`` tells which::
+
+    # kind "plan"
+    {"schema": "torchgraft.diff/1", "kind": "plan", "ok": bool, "exit_code": 0 | 1,
+     "checkpoint": str, "model": str,
+     "renamed": [{"source": str, "target": str, "reason": str}],
+     "suggestions": {"missing": {model_name: [{"name": str, "shape": [int] | null,
+                                               "similarity": float}]},
+                     "unexpected": {checkpoint_name: [...same...]}},
+     "report": <LoadReport.to_dict()>}
+    # kind "checkpoints"
+    {"schema": "torchgraft.diff/1", "kind": "checkpoints", "identical": bool,
+     "exit_code": 0 | 1,
+     "a": {"source": str, "format": str, "selected": str, "tensors": int}, "b": {...},
+     "rules": [str], "notes": [str],
+     "removed": [{"name", "shape", "dtype"}], "added": [{"name", "shape", "dtype"}],
+     "changed": [{"name", "a_shape", "b_shape", "a_dtype", "b_dtype",
+                  # with --values and equal shapes:
+                  "max_abs_diff": float | null, "differing": int, "numel": int}],
+     "values": [{"name", "max_abs_diff": float | null, "differing": int, "numel": int}] | null,
+     "same": int, "values_compared": bool}
+
+``max_abs_diff`` is null when the difference is not finite (Inf or NaN on one side only).
+
+Example:
+    $ torchgraft diff epoch_100.pth timm:convnext_tiny --prefix backbone
+    $ torchgraft diff a.safetensors b.safetensors --values
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..api import plan
+from ..report import group_names
+from .common import (
+    CliError,
+    Style,
+    add_mapping_options,
+    add_model_kwargs,
+    fmt_pct,
+    fmt_shape,
+    mapping_kwargs,
+    parse_kwargs,
+    print_json,
+    table,
+)
+from .compare import checkpoint_diff, plan_suggestions, renamed
+from .specs import build_model, looks_like_spec
+
+MAX_LINES = 12
+
+
+def add_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("diff", parents=[parent], help="compare a checkpoint with a model or "
+                       "another checkpoint", description=__doc__.split("\n\n")[0])
+    p.add_argument("a", metavar="A", help="checkpoint path or model spec")
+    p.add_argument("b", metavar="B", help="checkpoint path or model spec")
+    p.add_argument("--values", action="store_true",
+                   help="checkpoint vs checkpoint: also compare values")
+    add_model_kwargs(p)
+    add_mapping_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = mapping_kwargs(args)
+    kwargs = parse_kwargs(args.kwargs)
+    a_spec, b_spec = looks_like_spec(args.a), looks_like_spec(args.b)
+    st = Style(sys.stdout)
+    if a_spec != b_spec:
+        spec, ckpt = (args.a, args.b) if a_spec else (args.b, args.a)
+        report = plan(build_model(spec, kwargs), ckpt, **options)
+        out = {"schema": "torchgraft.diff/1", "kind": "plan", "ok": report.ok,
+               "exit_code": 0 if report.ok else 1, "checkpoint": ckpt, "model": spec,
+               "renamed": renamed(report), "suggestions": plan_suggestions(report),
+               "report": report.to_dict()}
+        lines = _plan_text(out, report, st)
+    else:
+        if args.values and a_spec:
+            raise CliError("--values compares two checkpoints; A and B are model specs")
+        a = build_model(args.a, kwargs) if a_spec else args.a
+        b = build_model(args.b, kwargs) if b_spec else args.b
+        d = checkpoint_diff(a, b, select=options["select"], prefix=options["prefix"],
+                            rename=options["rename"], auto=options["auto"],
+                            trust=options["trust"], values=args.values)
+        d["a"]["source"], d["b"]["source"] = args.a, args.b
+        out = {"schema": "torchgraft.diff/1", **d, "exit_code": 0 if d["identical"] else 1}
+        lines = _ckpt_text(d, st)
+    if args.json:
+        print_json(out)
+    else:
+        sys.stdout.write("\n".join(lines) + "\n")
+    return out["exit_code"]
+
+
+def _grouped(names: list[str], suffix: str = "") -> list[str]:
+    groups = group_names(names)
+    lines = [f"    {g}{suffix}" for g in groups[:MAX_LINES]]
+    if len(groups) > MAX_LINES:
+        lines.append(f"    ... and {len(groups) - MAX_LINES} more groups (--json lists all)")
+    return lines
+
+
+def _unmatched(title: str, entries: list, shape_of: Any, name_of: Any,
+               sugg: dict[str, list[dict]], st: Style) -> list[str]:
+    if not entries:
+        return []
+    lines = [st.yellow(f"  {title} ({len(entries)}):")]
+    if len(entries) > MAX_LINES:
+        lines += _grouped([name_of(e) for e in entries])
+    shown = 0
+    rows = []
+    for e in entries:
+        hints = sugg.get(name_of(e), [])
+        if len(entries) > MAX_LINES and not hints:
+            continue
+        close = [h for h in hints[1:2] if h["similarity"] >= hints[0]["similarity"] - 0.1
+                 and (h["shape"] == hints[0]["shape"] or h["shape"] == _list(shape_of(e)))]
+        hint = ("did you mean " + " or ".join(f"{h['name']} {fmt_shape(h['shape'])}"
+                                               for h in hints[:1] + close) + "?") if hints else ""
+        mapped = e.reason if e.reason.startswith(("renamed", "auto", "prefix")) else ""
+        rows.append([name_of(e), fmt_shape(shape_of(e)), hint + (f"  ({mapped})" if mapped
+                                                                 else "")])
+        shown += 1
+        if shown >= MAX_LINES:
+            break
+    return lines + table(rows, indent=4)
+
+
+def _list(shape: Any) -> list[int] | None:
+    return None if shape is None else list(shape)
+
+
+def _plan_text(out: dict[str, Any], r: Any, st: Style) -> list[str]:
+    c = r.counts
+    n_model = sum(1 for e in r.entries if e.target is not None)
+    lines = [st.bold(f"plan: {out['checkpoint']} [{r.format}, '{r.selected or '<top>'}'] "
+                     f"-> {out['model']}"),
+             f"  would load {fmt_pct(r.loaded_fraction)} of model elements "
+             f"({c['copied'] + c['cast']}/{n_model} tensors)"]
+    lines += [f"  rule: {rule}" for rule in r.rules]
+    lines += [f"  note: {note}" for note in r.notes]
+    plain = [e.target for e in r.entries if e.action == "copied" and e.source == e.target]
+    if plain:
+        lines.append(st.green(f"  copied as is ({len(plain)}):"))
+        lines += _grouped(plain)
+    by_rule: dict[str, list[dict]] = {}
+    for item in out["renamed"]:
+        by_rule.setdefault(item["reason"], []).append(item)
+    for reason, items in by_rule.items():
+        lines.append(st.green(f"  renamed ({len(items)}) by {reason or 'rule'}:"))
+        lines += [f"    {i['source']} -> {i['target']}" for i in items[:3]]
+        if len(items) > 3:
+            lines.append(f"    ... and {len(items) - 3} more")
+    casts = r.by_action("cast")
+    if casts:
+        lines.append(f"  cast ({len(casts)}):")
+        lines += _grouped([e.target for e in casts], "")
+    mism = r.mismatched
+    if mism:
+        lines.append(st.red(f"  shape mismatch ({len(mism)}):"))
+        lines += table([[e.target, f"checkpoint {fmt_shape(e.source_shape)}",
+                         f"model {fmt_shape(e.target_shape)}"] for e in mism[:MAX_LINES * 2]],
+                       indent=4)
+    other = [e for e in r.by_action("skipped") if e not in mism]
+    if other:
+        lines.append(f"  skipped ({len(other)}):")
+        by_reason: dict[str, list[str]] = {}
+        for e in other:
+            by_reason.setdefault(e.reason, []).append(e.source or e.target or "?")
+        for reason, names in list(by_reason.items())[:4]:
+            lines += _grouped(names, f"  ({reason})")[:4]
+    sugg = out["suggestions"]
+    lines += _unmatched("missing in checkpoint, the model keeps its own values",
+                        r.by_action("missing"), lambda e: e.target_shape, lambda e: e.target,
+                        sugg["missing"], st)
+    lines += _unmatched("unexpected, not in the model", r.by_action("unexpected"),
+                        lambda e: e.source_shape, lambda e: e.source, sugg["unexpected"], st)
+    if r.placeholders:
+        lines.append(f"  not executed: the file references {', '.join(r.placeholders[:6])}")
+    if r.ok:
+        lines.append(st.green("=> tg.load would succeed with these options"))
+    else:
+        lines.append(st.red(f"=> tg.load would FAIL: {(r.error or '').splitlines()[0]}"))
+    return lines
+
+
+def _ckpt_text(d: dict[str, Any], st: Style) -> list[str]:
+    lines = []
+    for side in ("a", "b"):
+        s = d[side]
+        lines.append(f"{side.upper()}: {s['source']} [{s['format']}, "
+                     f"'{s['selected'] or '<top>'}'] {s['tensors']} tensors")
+    lines += [f"  rule: {rule}" for rule in d["rules"]]
+    lines += [f"  note: {note}" for note in d["notes"]]
+    for key, title in (("removed", "only in A"), ("added", "only in B")):
+        if d[key]:
+            lines.append(st.yellow(f"  {title} ({len(d[key])}):"))
+            rows = [[t["name"], fmt_shape(t["shape"]), t["dtype"]] for t in d[key][:MAX_LINES]]
+            lines += table(rows, indent=4) + _more(d[key])
+    if d["changed"]:
+        lines.append(st.yellow(f"  changed shape or dtype ({len(d['changed'])}):"))
+        rows = [[c["name"], f"{fmt_shape(c['a_shape'])} {c['a_dtype']}",
+                 f"-> {fmt_shape(c['b_shape'])} {c['b_dtype']}", _maxdiff(c)]
+                for c in d["changed"][:MAX_LINES]]
+        lines += table(rows, indent=4) + _more(d["changed"])
+    if d["values"]:
+        lines.append(st.yellow(f"  values differ ({len(d['values'])}):"))
+        rows = [[v["name"], _maxdiff(v), f"{v['differing']}/{v['numel']} elements differ"]
+                for v in d["values"][:MAX_LINES]]
+        lines += table(rows, indent=4) + _more(d["values"])
+    what = "names, shapes, dtypes" + (" and values" if d["values_compared"] else "")
+    lines.append(f"  same {what}: {d['same']} tensors")
+    if d["identical"]:
+        lines.append(st.green(f"=> identical ({what})"))
+    else:
+        lines.append(st.red("=> the checkpoints differ"))
+    return lines
+
+
+def _more(items: list) -> list[str]:
+    extra = len(items) - MAX_LINES
+    return [f"    ... and {extra} more (--json lists all)"] if extra > 0 else []
+
+
+def _maxdiff(c: dict[str, Any]) -> str:
+    if "max_abs_diff" not in c:
+        return ""
+    v = c["max_abs_diff"]
+    return "max |a-b| not finite" if v is None else f"max |a-b| {v:.3g}"

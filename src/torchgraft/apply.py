@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .errors import PartialLoadError
-from .plan import Copy, Slot
+from .plan import Copy
 from .tensors import FileRef
 
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024

@@ -158,12 +158,6 @@ def _loaded_fraction(slots: dict[str, Slot], copies: dict[int, Copy]) -> float:
     return sum(sizes[g] for g in copies) / total
 
 
-def check_plan(report: LoadReport, n_source: int, mismatch: str, strict: bool) -> str | None:
-    """The error a load with these options must raise, or None. Pure."""
-    err = plan_error(report, n_source, mismatch, strict)
-    return None if err is None else str(err)
-
-
 def plan_error(report: LoadReport, n_source: int, mismatch: str,
                strict: bool) -> Exception | None:
     """Build (not raise) the error for a plan that cannot be loaded with these options."""
@@ -195,22 +189,32 @@ def plan_error(report: LoadReport, n_source: int, mismatch: str,
 
 
 def _nothing_message(report: LoadReport) -> str:
-    model = [e.target for e in report.entries if e.target][:5]
-    ckpt = [e.source for e in report.entries if e.source and not e.target][:5]
+    model_all = [e.target for e in report.entries if e.target]
+    ckpt_all = [e.source for e in report.entries if e.source and not e.target]
     mism = report.mismatched
     head = "not a single checkpoint tensor matches a model tensor by name and shape"
     if mism:
         head = f"every matching name differs in shape ({len(mism)} tensors)"
-    hint = _likely_fix(model, ckpt)
     return (f"{head}; nothing would be loaded. The model was not changed.\n"
-            f"  model names:      {model}\n  checkpoint names: {ckpt}\n  {hint}")
+            f"  model names:      {model_all[:5]}\n  checkpoint names: {ckpt_all[:5]}\n"
+            f"  {_likely_fix(model_all, ckpt_all)}")
+
+
+def _first(name: str) -> str:
+    return name.split(".", 1)[0] + "." if "." in name else ""
 
 
 def _likely_fix(model: list[str], ckpt: list[str]) -> str:
-    m_heads = sorted({n.split(".", 1)[0] + "." for n in model})
-    c_heads = sorted({n.split(".", 1)[0] + "." for n in ckpt})
-    if m_heads and c_heads and set(m_heads) != set(c_heads):
-        return (f"checkpoint names start with {c_heads[:3]}, model names with {m_heads[:3]}: "
-                f"pass rename=[(r'^{c_heads[0][:-1]}\\.', '{m_heads[0]}')] or "
-                f"prefix='{c_heads[0][:-1]}'")
-    return "pass rename= to map checkpoint names onto model names, or select= another state dict"
+    """Suggest the option that fixes the commonest naming mismatch."""
+    model_set = set(model)
+    c_heads = sorted({_first(n) for n in ckpt} - {""})
+    m_heads = sorted({_first(n) for n in model} - {""})
+    for c in c_heads:
+        if any(n[len(c):] in model_set for n in ckpt if n.startswith(c)):
+            return (f"checkpoint names are model names with {c!r} in front: pass "
+                    f"prefix='{c[:-1]}' (or leave auto=True)")
+    if len(c_heads) == 1 and len(m_heads) == 1:
+        return (f"checkpoint names start with {c_heads[0]!r}, model names with {m_heads[0]!r}: "
+                f"pass rename=[(r'^{c_heads[0][:-1]}\\.', '{m_heads[0]}')]")
+    return (f"checkpoint names start with {c_heads[:4]}, model names with {m_heads[:4]}: pass "
+            "rename= to map one onto the other, or select= another state dict")

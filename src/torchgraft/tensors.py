@@ -148,7 +148,7 @@ class FileHandle:
             try:
                 got = os.preadv(fd, [buf[done:]], offset + done)
             except OSError as err:
-                raise ReadError(f"{self.path.name}: read failed at byte {offset + done}: {err}")
+                raise ReadError(f"{self.path.name}: read failed at byte {offset + done}: {err}") from err
             if got <= 0:
                 raise CorruptCheckpointError(
                     f"{self.path.name}: file ended at byte {offset + done}, expected {offset + n}"

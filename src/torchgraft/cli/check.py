@@ -33,6 +33,7 @@ from .common import (
     add_model_kwargs,
     fmt_pct,
     mapping_kwargs,
+    one_line,
     parse_kwargs,
     print_json,
 )
@@ -68,15 +69,18 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args.model, parse_kwargs(args.kwargs))
     report = plan(model, args.src, **options)
     reasons = []
-    if not report.ok:
-        reasons.append(f"the load would fail: {report.error.splitlines()[0]}"
-                       if report.error else "the load would fail")
+    mism, names_differ = report.mismatched, report.missing_keys or report.unexpected_keys
+    if not report.ok and mism and options["mismatch"] == "error":
+        reasons.append(f"{len(mism)} tensor(s) match by name but not by shape "
+                       "(--mismatch skip loads the rest)")
+    elif not report.ok and not (args.strict and names_differ):
+        reasons.append(one_line(report.error or "the load would fail"))
+    if args.strict and names_differ:
+        reasons.append(f"--strict: {len(report.missing_keys)} missing and "
+                       f"{len(report.unexpected_keys)} unexpected tensor(s)")
     if report.loaded_fraction < args.min_loaded:
         reasons.append(f"only {fmt_pct(report.loaded_fraction)} of the model's elements would be "
                        f"loaded; --min-loaded is {fmt_pct(args.min_loaded)}")
-    if args.strict and (report.missing_keys or report.unexpected_keys) and report.ok:
-        reasons.append(f"--strict: {len(report.missing_keys)} missing, "
-                       f"{len(report.unexpected_keys)} unexpected")
     code = 1 if reasons else 0
     if args.json:
         print_json({"schema": "torchgraft.check/1", "ok": not reasons, "exit_code": code,

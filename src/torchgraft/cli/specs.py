@@ -6,6 +6,7 @@
     transformers:ViTModel?config=ViTConfig&hidden_size=64     (a config class, default args)
     package.module:callable?depth=2            (plus --kwargs '{"num_classes": 10}')
 
+``package.module`` is imported as by ``python -m``: modules in the current folder count.
 Query values are parsed as int, float, bool (true/false), none, JSON lists/objects, else
 strings. Models start with random weights; nothing is ever downloaded (``pretrained`` is always
 False and ``HF_HUB_OFFLINE=1``). Models are built on the meta device when the constructor
@@ -26,6 +27,7 @@ import importlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -182,14 +184,14 @@ def _hf_attr(module: Any, name: str, what: str) -> Any:
 
 def _python(s: ModelSpec, params: dict[str, Any]):
     module_name, _, attr_path = s.target.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # like `python -m`: modules of the current folder import
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        top = module_name.split(".")[0]
-        if err.name == top or err.name == module_name:
-            if err.name == top:
-                raise _missing(top) from None
-            raise SpecError(f"{s.text}: no module named {module_name!r}") from None
+        if err.name and module_name.startswith(err.name):
+            raise SpecError(f"{s.text}: no module named {err.name!r} (is the package installed "
+                            "and the module on PYTHONPATH?)") from None
         raise SpecError(f"{s.text}: importing {module_name} failed ({err})") from None
     except Exception as err:
         raise SpecError(f"{s.text}: importing {module_name} failed "

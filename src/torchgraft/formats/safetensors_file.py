@@ -134,7 +134,7 @@ class SafetensorsFormat(Format):
             spans.append((begin, end, name))
             root[name] = FileRef(fh, base + begin, dtype, tuple(shape))
         spans.sort()
-        for (b1, e1, n1), (b2, e2, n2) in zip(spans, spans[1:]):
+        for (_, e1, n1), (b2, e2, n2) in zip(spans, spans[1:]):
             if b2 < e1 and e2 > b2:
                 raise CorruptCheckpointError(f"tensors {n1!r} and {n2!r} overlap in the file")
         meta = {str(k): str(v) for k, v in metadata.items()}

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import threading
@@ -32,6 +33,9 @@ from .plan import Copy
 from .tensors import FileRef
 
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024
+SMALL_BYTES = 256 * 1024  # tensors below this are read in batches
+BATCH_BYTES = 8 * 1024 * 1024
+BATCH_GAP = 64 * 1024
 
 
 def _order(copy: Copy) -> tuple:
@@ -89,16 +93,26 @@ def apply_copies(
             if progress:
                 progress(copy.ref.nbytes)
 
+    def run_batch(batch: list[Copy]) -> None:
+        _copy_batch(batch)
+        for copy in batch:
+            written.extend(s.name for s in copy.slots)
+            if progress:
+                progress(copy.ref.nbytes)
+
     ordered = sorted(copies, key=_order)
     workers = threads if threads is not None else min(4, os.cpu_count() or 1)
     big = [c for c in ordered if _parallel_ok(c)] if workers > 1 else []
-    small = [c for c in ordered if not _parallel_ok(c)] if big else ordered
+    rest = [c for c in ordered if not _parallel_ok(c)] if big else ordered
     try:
         if big:
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(run, big))
-        for copy in small:
-            run(copy)
+        for item in _batches(rest):
+            if isinstance(item, list):
+                run_batch(item)
+            else:
+                run(item)
     except BaseException as err:
         if not written:
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
@@ -113,6 +127,51 @@ def apply_copies(
             f"checkpoint values ({shown}); the rest keep their old values. Reload the model "
             "before using it.", written) from err
     return written
+
+
+def _batchable(copy: Copy) -> bool:
+    """A small contiguous file tensor going byte-for-byte into contiguous CPU memory."""
+    ref, target = copy.ref, copy.slots[0].tensor
+    return (isinstance(ref, FileRef) and ref.contiguous and 0 < ref.nbytes <= SMALL_BYTES
+            and target.device.type == "cpu" and target.dtype == ref.dtype
+            and target.is_contiguous())
+
+
+def _batches(copies: list[Copy]) -> list[Copy | list[Copy]]:
+    """Group runs of small tensors that lie close together in one file."""
+    out: list[Copy | list[Copy]] = []
+    batch: list[Copy] = []
+    start = end = 0
+    for copy in copies:
+        if not _batchable(copy):
+            out.append(copy)
+            continue
+        ref = copy.ref
+        b, e = ref.byte_range()
+        if batch and (ref.file is batch[0].ref.file and start <= b and b - end <= BATCH_GAP
+                      and e - start <= BATCH_BYTES):
+            batch.append(copy)
+            end = max(end, e)
+            continue
+        if batch:
+            out.append(batch)
+        batch, start, end = [copy], b, e
+    if batch:
+        out.append(batch)
+    return out
+
+
+def _copy_batch(batch: list[Copy]) -> None:
+    """One ``preadv`` for the whole run, then a ``memmove`` into each parameter."""
+    fh = batch[0].ref.file
+    start = batch[0].ref.byte_range()[0]
+    end = max(c.ref.byte_range()[1] for c in batch)
+    buf = bytearray(end - start)
+    fh.pread_into(memoryview(buf), start)
+    base = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    for copy in batch:
+        b, e = copy.ref.byte_range()
+        ctypes.memmove(copy.slots[0].tensor.data_ptr(), base + (b - start), e - b)
 
 
 def _parallel_ok(copy: Copy) -> bool:

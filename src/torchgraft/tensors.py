@@ -179,6 +179,9 @@ class FileRef(TensorRef):
     that storage, as torch does.
     """
 
+    __slots__ = ("file", "offset", "dtype", "shape", "_stride", "elem_offset", "storage_key",
+                 "_numel", "contiguous", "_span")
+
     def __init__(
         self,
         file: FileHandle,

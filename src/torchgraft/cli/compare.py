@@ -20,42 +20,80 @@ import torch
 from ..api import read
 from ..errors import PrefixNotFoundError, SelectError
 from ..names import Rename, map_names, strip_wrappers
-from ..report import LoadReport
+from ..report import LoadReport, group_names
 from ..tensors import TensorRef
 
 CUTOFF = 0.5
 SHAPE_BONUS = 0.25
+INDEX_PENALTY = 0.3
 MAX_POOL = 2000
 CHUNK = 1 << 22
 
 
-def suggest(name: str, shape: Any, pool: list[tuple[str, Any]], n: int = 3) -> list[dict]:
-    """Closest names in ``pool`` by difflib similarity, equal shapes preferred."""
+def _digits(name: str) -> list[str]:
+    return [p for p in name.split(".") if p.isdigit()]
+
+
+def suggest(name: str, shape: Any, pool: list[tuple[str, Any]], n: int = 3,
+            alias: dict[str, str] | None = None) -> list[dict]:
+    """Closest names in ``pool`` by difflib similarity; equal shapes and layer indices first.
+
+    ``alias`` maps a pool name to the name it had after prefix/rename/auto; both are compared.
+    """
     sm = difflib.SequenceMatcher(None, autojunk=False)
     sm.set_seq2(name)
+    digits = _digits(name)
     scored = []
     for other, other_shape in pool[:MAX_POOL]:
         best = 0.0
-        for candidate in {other, strip_wrappers(other)}:
+        for candidate in {other, strip_wrappers(other), (alias or {}).get(other, other)}:
             sm.set_seq1(candidate)
             if sm.real_quick_ratio() >= CUTOFF and sm.quick_ratio() >= CUTOFF:
                 best = max(best, sm.ratio())
         if best >= CUTOFF:
             same = other_shape is not None and tuple(other_shape) == tuple(shape or ())
-            scored.append((best + (SHAPE_BONUS if same else 0.0), other, other_shape, best))
+            score = best + (SHAPE_BONUS if same else 0.0)
+            score -= INDEX_PENALTY if _digits(other) != digits and \
+                _digits((alias or {}).get(other, other)) != digits else 0.0
+            scored.append((score, other, other_shape, best))
     scored.sort(key=lambda s: (-s[0], s[1]))
     return [{"name": o, "shape": list(s) if s is not None else None, "similarity": round(r, 2)}
             for _, o, s, r in scored[:n]]
+
+
+def mapped_names(report: LoadReport) -> dict[str, str]:
+    """Checkpoint name -> the name it had after prefix/rename/auto, as the plan mapped it."""
+    opts = report.options
+    src = {e.source: e.source_shape for e in report.entries
+           if e.source and e.source_shape is not None and not e.reason.startswith("tied to")}
+    model = {e.target: e.target_shape for e in report.entries if e.target and e.target_shape}
+    try:
+        return map_names(src, model, prefix=opts.get("prefix"), rename=opts.get("rename"),
+                         auto=opts.get("auto", True)).target
+    except Exception:  # e.g. a rename given as a function: fall back to raw names
+        return {}
 
 
 def plan_suggestions(report: LoadReport) -> dict[str, dict[str, list[dict]]]:
     """Did-you-mean for every missing model name and every unexpected checkpoint name."""
     missing = [(e.target, e.target_shape) for e in report.entries if e.action == "missing"]
     unexpected = [(e.source, e.source_shape) for e in report.entries if e.action == "unexpected"]
+    mapped = mapped_names(report)
     return {
-        "missing": {n: suggest(n, s, unexpected) for n, s in missing[:MAX_POOL] if unexpected},
-        "unexpected": {n: suggest(n, s, missing) for n, s in unexpected[:MAX_POOL] if missing},
+        "missing": {n: suggest(n, s, unexpected, alias=mapped)
+                    for n, s in missing[:MAX_POOL] if unexpected},
+        "unexpected": {n: suggest(mapped.get(n, n), s, missing)
+                       for n, s in unexpected[:MAX_POOL] if missing},
     }
+
+
+def fold(names: list[str]) -> list[tuple[str, list[str]]]:
+    """Group names that differ only in layer indices: ``[(pattern, members)]``, in order."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        groups.setdefault(tuple("#" if p.isdigit() else p for p in name.split(".")),
+                          []).append(name)
+    return [(group_names(m)[0] if len(m) > 1 else m[0], m) for m in groups.values()]
 
 
 def renamed(report: LoadReport) -> list[dict[str, str]]:

@@ -102,7 +102,8 @@ def render_text(r: Any, after: LoadReport | None, st: Style) -> list[str]:
     src_fmt = r.provenance["source"]["format"]
     sel = r.selected or "<top>"
     lines = [st.bold(f"converted {r.src} [{src_fmt}, '{sel}'] -> {r.dst}"),
-             f"  wrote {len(r.stored)} tensors, {fmt_bytes(r.nbytes)} ({r.format})"]
+             f"  wrote {len(r.names)} tensors, {fmt_bytes(r.nbytes)} ({r.format})"
+             + (f"; {len(r.stored)} stored, {len(r.aliases)} shared" if r.aliases else "")]
     if r.aliases:
         shown = ", ".join(f"{a} = {k}" for a, k in list(r.aliases.items())[:4])
         more = " ..." if len(r.aliases) > 4 else ""

@@ -63,7 +63,7 @@ from .common import (
     print_json,
     table,
 )
-from .compare import checkpoint_diff, plan_suggestions, renamed
+from .compare import checkpoint_diff, fold, plan_suggestions, renamed
 from .specs import build_model, looks_like_spec
 
 MAX_LINES = 12
@@ -123,28 +123,25 @@ def _grouped(names: list[str], suffix: str = "") -> list[str]:
 
 def _unmatched(title: str, entries: list, shape_of: Any, name_of: Any,
                sugg: dict[str, list[dict]], st: Style) -> list[str]:
+    """One line per group of names that differ only in layer index, with a did-you-mean."""
     if not entries:
         return []
-    lines = [st.yellow(f"  {title} ({len(entries)}):")]
-    if len(entries) > MAX_LINES:
-        lines += _grouped([name_of(e) for e in entries])
-    shown = 0
+    shapes = {name_of(e): shape_of(e) for e in entries}
     rows = []
-    for e in entries:
-        hints = sugg.get(name_of(e), [])
-        if len(entries) > MAX_LINES and not hints:
-            continue
-        close = [h for h in hints[1:2] if h["similarity"] >= hints[0]["similarity"] - 0.1
-                 and (h["shape"] == hints[0]["shape"] or h["shape"] == _list(shape_of(e)))]
+    groups = fold(list(shapes))
+    for pattern, members in groups[:MAX_LINES]:
+        first = members[0]
+        hints = sugg.get(first, [])
+        close = [h for h in hints[1:2] if h["similarity"] >= hints[0]["similarity"] - 0.05
+                 and h["shape"] == hints[0]["shape"]]
         hint = ("did you mean " + " or ".join(f"{h['name']} {fmt_shape(h['shape'])}"
                                                for h in hints[:1] + close) + "?") if hints else ""
-        mapped = e.reason if e.reason.startswith(("renamed", "auto", "prefix")) else ""
-        rows.append([name_of(e), fmt_shape(shape_of(e)), hint + (f"  ({mapped})" if mapped
-                                                                 else "")])
-        shown += 1
-        if shown >= MAX_LINES:
-            break
-    return lines + table(rows, indent=4)
+        count = f"x{len(members)}" if len(members) > 1 else ""
+        rows.append([pattern, count, fmt_shape(shapes[first]), hint])
+    lines = [st.yellow(f"  {title} ({len(entries)}):")] + table(rows, indent=4)
+    if len(groups) > MAX_LINES:
+        lines.append(f"    ... and {len(groups) - MAX_LINES} more groups (--json lists all)")
+    return lines
 
 
 def _list(shape: Any) -> list[int] | None:
@@ -198,10 +195,16 @@ def _plan_text(out: dict[str, Any], r: Any, st: Style) -> list[str]:
                         lambda e: e.source_shape, lambda e: e.source, sugg["unexpected"], st)
     if r.placeholders:
         lines.append(f"  not executed: the file references {', '.join(r.placeholders[:6])}")
-    if r.ok:
+    if r.ok and r.loaded_fraction >= 1.0:
         lines.append(st.green("=> tg.load would succeed with these options"))
+    elif r.ok:
+        lines.append(st.yellow(f"=> tg.load would succeed, loading {fmt_pct(r.loaded_fraction)}"
+                               f" of the model ({c['missing']} missing tensors keep their "
+                               "values)"))
     else:
-        lines.append(st.red(f"=> tg.load would FAIL: {(r.error or '').splitlines()[0]}"))
+        error = (r.error or "").splitlines() or [""]
+        lines.append(st.red(f"=> tg.load would FAIL: {error[0]}"))
+        lines += [f"   {line.strip()}" for line in error[1:8] if line.strip()]
     return lines
 
 

@@ -109,8 +109,8 @@ def _tensors(info: dict[str, Any], st: Style) -> list[str]:
     for t in info["tensors"][:MAX_STATS_ROWS]:
         rows.append([t["name"], fmt_shape(t["shape"]), t["dtype"]]
                     + [_num(t[k]) for k in ("min", "max", "mean", "std")]
-                    + [",".join(t["flags"] + ([f"nan={t['nan']}"] if t["nan"] else [])
-                                + ([f"inf={t['inf']}"] if t["inf"] else []))])
+                    + [",".join(f"{f}={t[f]}" if f in ("nan", "inf") else f
+                                for f in t["flags"])])
     lines += table(rows)
     if n > MAX_STATS_ROWS:
         lines.append(f"  ... and {n - MAX_STATS_ROWS} more (--json lists all)")

@@ -134,11 +134,17 @@ def _modules_to_state_dicts(obj: Any, notes: list[str], depth: int = 0) -> Any:
                          "(its code was not run)")
             return state
         return obj
-    if depth > 50 or isinstance(obj, TensorRef):
+    if depth > 50:
         return obj
     if isinstance(obj, dict):
-        for key in list(obj):
-            obj[key] = _modules_to_state_dicts(obj[key], notes, depth + 1)
+        for key, value in obj.items():
+            if isinstance(value, _CONTAINERS):
+                obj[key] = _modules_to_state_dicts(value, notes, depth + 1)
     elif isinstance(obj, list):
-        obj[:] = [_modules_to_state_dicts(v, notes, depth + 1) for v in obj]
+        for i, value in enumerate(obj):
+            if isinstance(value, _CONTAINERS):
+                obj[i] = _modules_to_state_dicts(value, notes, depth + 1)
     return obj
+
+
+_CONTAINERS = (dict, list, Placeholder)

@@ -54,9 +54,10 @@ def _numel(dims: object) -> int | None:
     if type(dims) is not list:
         return None
     try:
-        if dims and (min(dims) < 0 or not all(type(d) is int for d in dims)):
+        numel = math.prod(dims)  # TypeError for strings, lists; a float product for floats
+        if type(numel) is not int or (dims and min(dims) < 0):
             return None
-        return math.prod(dims)
+        return numel
     except TypeError:
         return None
 
@@ -119,7 +120,8 @@ class SafetensorsFormat(Format):
             numel = _numel(shape)
             if numel is None:
                 raise CorruptCheckpointError(f"{name!r}: bad shape {shape!r}")
-            if type(offs) is not list or len(offs) != 2 or _numel(offs) is None:
+            if (type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int
+                    or type(offs[1]) is not int):
                 raise CorruptCheckpointError(f"{name!r}: bad data_offsets {offs!r}")
             begin, end = offs
             if not 0 <= begin <= end <= data_len:

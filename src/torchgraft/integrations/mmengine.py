@@ -26,7 +26,8 @@ Options: every :func:`tg.load` keyword (``select``, ``prefix``, ``rename``, ``au
 straight into the module's own parameters, on their device) and ``revise_keys`` (a list of
 ``(regex, replacement)`` pairs, applied like ``rename`` and before it). ``checkpoint`` is a
 path, a folder, or an ``http(s)://`` / ``open-mmlab://`` / ``torchvision://`` / ``mmcls://``
-address, downloaded once into torch hub's cache (where mmengine caches it too).
+address, downloaded once into torch hub's cache (where mmengine caches it too), or an in-memory
+state dict / checkpoint mapping.
 
 The report (``str(report)``) is logged through mmengine's current logger; the last one is also
 kept in ``TorchgraftPretrained.last_report``. Errors raise the same :class:`TorchgraftError`
@@ -52,9 +53,9 @@ Example:
     ...     def __init__(self, init_cfg=None):
     ...         super().__init__(init_cfg)
     ...         self.fc = torch.nn.Linear(4, 2)
-    >>> torch.save({"state_dict": {"module.fc.weight": torch.ones(2, 4),
-    ...                            "module.fc.bias": torch.zeros(2)}}, "/tmp/tg_mm_doc.pth")
-    >>> net = Net(init_cfg=dict(type="TorchgraftPretrained", checkpoint="/tmp/tg_mm_doc.pth"))
+    >>> ckpt = {"state_dict": {"module.fc.weight": torch.ones(2, 4),
+    ...                        "module.fc.bias": torch.zeros(2)}}
+    >>> net = Net(init_cfg=dict(type="TorchgraftPretrained", checkpoint=ckpt))
     >>> net.init_weights()   # doctest: +SKIP
     >>> bool((net.fc.weight == 1).all())   # doctest: +SKIP
     True
@@ -86,7 +87,7 @@ from .. import api
 from ..errors import OptionError, TorchgraftError
 from ..report import LoadReport
 
-__all__ = ["TorchgraftPretrained", "NAME", "install_init_order"]
+__all__ = ["TorchgraftPretrained", "NAME", "install_init_order", "resolve_checkpoint"]
 
 #: The registry name to use as ``init_cfg=dict(type=NAME, ...)``.
 NAME = "TorchgraftPretrained"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointNotFoundError, ReadError, UnsupportedFormatError
-from ..tensors import MemoryRef, TensorRef
+from ..tensors import MemoryRef
 from .base import Checkpoint, Format, register_format, registered_formats
 from .folder import open_folder
 from .numpy_files import NpzFormat, PickleFormat, arrays_to_refs

@@ -28,7 +28,7 @@ from .plan import Slot, make_plan, model_slots, plan_error
 from .progress import ProgressBar
 from .report import LoadReport
 from .selection import Candidate, describe_container, find_candidates, rank, resolve
-from .tensors import TensorRef
+from .tensors import MemoryRef, TensorRef
 
 Source = str | os.PathLike | Mapping
 
@@ -139,7 +139,8 @@ def _fit(names: NameMap, refs: dict[str, TensorRef],
 
 def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
-         mismatch: str = "error", strict: bool = False, trust: bool = False) -> LoadReport:
+         mismatch: str = "error", strict: bool = False, trust: bool = False,
+         timm_filter: bool = False) -> LoadReport:
     """Dry run: the report ``load`` would give, without touching the model.
 
     A plan that ``load`` would refuse is returned with ``ok=False`` and ``error`` set, instead of
@@ -152,24 +153,56 @@ def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
         (False, ['weight', 'bias'])
     """
     with gc_paused():
-        report, _, _ = _plan(model, source, select, prefix, rename, auto, mismatch, strict, trust)
+        report, _, _ = _plan(model, source, select, prefix, rename, auto, mismatch, strict, trust,
+                             timm_filter)
     return report
 
 
-def _plan(model, source, select, prefix, rename, auto, mismatch, strict, trust):
+def _framework_rules(model: torch.nn.Module, auto: bool) -> tuple[dict[str, str], Any]:
+    """What the model's framework says about loading it: timm's replaceable classifier and
+    transformers' hub-name mapping. Only with ``auto=True``; frameworks are never imported here
+    unless the model comes from them."""
+    if not auto:
+        return {}, None
+    from .integrations.timm import classifier_names, skip_reason
+    from .integrations.transformers import hf_renamer
+
+    classifiers = {p: skip_reason(p) for p in classifier_names(model)}
+    return classifiers, hf_renamer(model)
+
+
+def _filtered(model: torch.nn.Module, cand: Candidate) -> Candidate:
+    from .integrations.timm import timm_filter
+
+    state = {n: r.materialize() for n, r in cand.tensors.items()}
+    out = timm_filter(model, state)
+    return Candidate(cand.path, {n: MemoryRef(t) for n, t in out.items()})
+
+
+def _plan(model, source, select, prefix, rename, auto, mismatch, strict, trust,
+          timm_filter=False):
     ckpt = open_checkpoint(source, trust=trust)
     slots = model_slots(model)
     shapes = _shapes(slots)
+    classifiers, framework_rename = _framework_rules(model, auto)
     mapped: dict[str, NameMap] = {}
+    converted: dict[str, Candidate] = {}
 
     def score(cand: Candidate) -> tuple[int, int]:
+        if timm_filter:
+            converted[cand.path] = cand = _filtered(model, cand)
         src_shapes = {n: r.shape for n, r in cand.tensors.items()}
-        mapped[cand.path] = map_names(src_shapes, shapes, prefix=prefix, rename=rename, auto=auto)
+        mapped[cand.path] = map_names(src_shapes, shapes, prefix=prefix, rename=rename, auto=auto,
+                                      framework_rename=framework_rename)
         return _fit(mapped[cand.path], cand.tensors, shapes)
 
     cand, ranked = _choose(ckpt, select, score)
     names = mapped[cand.path]
-    p = make_plan(slots, cand.tensors, names, mismatch)
+    if timm_filter:
+        cand = converted[cand.path]
+        ckpt.notes.append("converted by the timm model family's checkpoint_filter_fn "
+                          "(timm_filter=True)")
+    p = make_plan(slots, cand.tensors, names, mismatch, classifiers)
     report = LoadReport(
         entries=p.entries, selected=cand.path, format=ckpt.format,
         source=str(ckpt.path) if ckpt.path else "<in-memory>",
@@ -179,12 +212,13 @@ def _plan(model, source, select, prefix, rename, auto, mismatch, strict, trust):
                       for c in ranked if c is not cand],
         placeholders=list(ckpt.placeholders), loaded_fraction=p.loaded_fraction,
         options={"select": select, "prefix": prefix, "rename": _describe(rename), "auto": auto,
-                 "mismatch": mismatch, "strict": strict, "trust": trust},
+                 "mismatch": mismatch, "strict": strict, "trust": trust,
+                 "timm_filter": timm_filter},
     )
     if any(a["ema"] for a in report.alternatives) and not cand.is_ema:
         report.notes.append("the file also holds an EMA copy of the weights; pass select= to "
                             "load it")
-    error = plan_error(report, len(cand.tensors), mismatch, strict)
+    error = plan_error(report, len(cand.tensors), mismatch, strict, p.tolerated)
     if error is not None:
         report.ok, report.error = False, str(error)
     return report, p, error
@@ -199,7 +233,7 @@ def _describe(rename: Rename) -> Any:
 def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
          mismatch: str = "error", strict: bool = False, trust: bool = False,
-         progress: bool | None = None) -> LoadReport:
+         timm_filter: bool = False, progress: bool | None = None) -> LoadReport:
     """Load ``source`` into ``model`` all-or-nothing and return the report.
 
     Everything that can fail before copying is checked first; on such an error the model is
@@ -215,7 +249,7 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
     """
     with gc_paused():
         report, p, error = _plan(model, source, select, prefix, rename, auto, mismatch, strict,
-                                 trust)
+                                 trust, timm_filter)
         if error is not None:
             raise error
         total = sum(c.ref.nbytes for c in p.copies)

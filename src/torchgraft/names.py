@@ -62,14 +62,26 @@ def map_names(
     prefix: str | None = None,
     rename: Rename = None,
     auto: bool = True,
+    framework_rename: Callable[[str], str] | None = None,
 ) -> NameMap:
-    """Map checkpoint names to model names; ``model`` maps model names to shapes."""
+    """Map checkpoint names to model names; ``model`` maps model names to shapes.
+
+    ``framework_rename`` is a renaming the target's framework defines (transformers' conversion
+    mapping); it runs after ``rename`` and before ``auto``, and is recorded only if it changed a
+    name.
+    """
     out = NameMap()
     names = {n: n for n in src}  # src name -> current name
     if prefix:
         names = _apply_prefix(names, src, model, prefix, auto, out)
     if rename is not None:
         names = _apply_rename(names, rename, out)
+    if framework_rename is not None:
+        before = len(out.rules)
+        renamed = _apply_rename(names, framework_rename, out)
+        if renamed == names:
+            del out.rules[before:]
+        names = renamed
     if auto and model is not None:
         names = _apply_auto(names, src, model, out)
     out.target = names

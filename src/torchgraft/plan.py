@@ -52,6 +52,7 @@ class Plan:
     entries: list[Entry] = field(default_factory=list)
     copies: list[Copy] = field(default_factory=list)
     loaded_fraction: float = 0.0
+    tolerated: set[str] = field(default_factory=set)  # mismatches that are not errors
 
 
 def model_slots(model: torch.nn.Module) -> dict[str, Slot]:
@@ -76,8 +77,14 @@ def _dtype(d: torch.dtype) -> str:
 
 
 def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap,
-              mismatch: str = "error") -> Plan:
-    """Decide, for every model slot and checkpoint tensor, what the load does."""
+              mismatch: str = "error",
+              classifiers: dict[str, str] | None = None) -> Plan:
+    """Decide, for every model slot and checkpoint tensor, what the load does.
+
+    ``classifiers`` maps name prefixes of replaceable heads (timm's
+    ``pretrained_cfg['classifier']``) to the reason given when they do not fit: such shape
+    mismatches are skipped even with ``mismatch="error"``.
+    """
     if mismatch not in MISMATCH_MODES:
         raise OptionError(f"mismatch={mismatch!r}: expected one of {MISMATCH_MODES}")
     plan = Plan()
@@ -102,8 +109,12 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
         used.add(src)
         why = "; ".join(names.why.get(src, []))
         if ref.shape != tshape:
+            head = next((p for p in classifiers or () if name.startswith(p)), None)
+            reason = _join("shape mismatch", why) if head is None else classifiers[head]
+            if head is not None:
+                plan.tolerated.add(name)
             plan.entries.append(Entry(name, src, "skipped", ref.shape, tshape, _dtype(ref.dtype),
-                                      _dtype(tdtype), _join("shape mismatch", why)))
+                                      _dtype(tdtype), reason))
             continue
         action = "copied" if ref.dtype == tdtype else "cast"
         reason = why if action == "copied" else _join(f"{_dtype(ref.dtype)} -> {_dtype(tdtype)}",
@@ -158,10 +169,10 @@ def _loaded_fraction(slots: dict[str, Slot], copies: dict[int, Copy]) -> float:
     return sum(sizes[g] for g in copies) / total
 
 
-def plan_error(report: LoadReport, n_source: int, mismatch: str,
-               strict: bool) -> Exception | None:
+def plan_error(report: LoadReport, n_source: int, mismatch: str, strict: bool,
+               tolerated: set[str] = frozenset()) -> Exception | None:
     """Build (not raise) the error for a plan that cannot be loaded with these options."""
-    mism = report.mismatched
+    mism = [e for e in report.mismatched if e.target not in tolerated]
     if mism and mismatch == "error":
         lines = [f"  {e.target}: checkpoint {list(e.source_shape)} vs model "
                  f"{list(e.target_shape)}" for e in mism[:20]]

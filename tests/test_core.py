@@ -209,7 +209,7 @@ def test_head_mismatch_error_leaves_model_untouched_and_skip_loads_the_rest(tmp_
     torch.save(src.state_dict(), tmp_path / "vit.pth")
     snap = snapshot(dst)
     with pytest.raises(tg.ShapeMismatchError) as err:
-        tg.load(dst, tmp_path / "vit.pth")
+        tg.load(dst, tmp_path / "vit.pth", mismatch="error")
     msg = str(err.value)
     assert "head.weight: checkpoint [1000, 192] vs model [10, 192]" in msg
     assert 'mismatch="skip"' in msg
@@ -222,6 +222,30 @@ def test_head_mismatch_error_leaves_model_untouched_and_skip_loads_the_rest(tmp_
     assert torch.equal(dst.head.weight, snap["head.weight"])
     assert 0.99 < report.loaded_fraction < 1.0
     assert "head.weight: checkpoint [1000, 192] vs model [10, 192]" in str(report)
+
+
+def test_plain_head_mismatch_raises_by_default(tmp_path):
+    def net(classes: int) -> torch.nn.Module:
+        torch.manual_seed(classes)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                   torch.nn.Linear(16, classes))
+
+    model = net(10)
+    snap = snapshot(model)
+    torch.save({"state_dict": net(1000).state_dict()}, tmp_path / "n.pth")
+    with pytest.raises(tg.ShapeMismatchError, match=r"2\.weight: checkpoint \[1000, 16\]"):
+        tg.load(model, tmp_path / "n.pth")
+    assert_unchanged(model, snap)
+
+
+def test_timm_classifier_is_left_as_initialised_by_default(tmp_path):
+    src = rm.timm_model("vit_tiny_patch16_224", num_classes=1000)
+    dst = rm.timm_model("vit_tiny_patch16_224", num_classes=10)
+    head = dst.head.weight.detach().clone()
+    report = tg.load(dst, src.state_dict())
+    assert {e.target for e in report.mismatched} == {"head.weight", "head.bias"}
+    assert all("timm classifier 'head'" in e.reason for e in report.mismatched)
+    assert torch.equal(dst.head.weight, head)
 
 
 def test_nothing_to_load_raises_with_names_and_hint(convnext_pair):

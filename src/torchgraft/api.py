@@ -24,7 +24,7 @@ from .apply import apply_copies
 from .errors import SelectError
 from .formats import Checkpoint, open_checkpoint
 from .names import NameMap, Rename, map_names
-from .plan import Slot, make_plan, model_slots, plan_error
+from .plan import DEFAULT_MISMATCH, Slot, make_plan, model_slots, plan_error
 from .progress import ProgressBar
 from .report import LoadReport
 from .selection import Candidate, describe_container, find_candidates, rank, resolve
@@ -139,7 +139,7 @@ def _fit(names: NameMap, refs: dict[str, TensorRef],
 
 def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
-         mismatch: str = "error", strict: bool = False, trust: bool = False,
+         mismatch: str = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
          timm_filter: bool = False) -> LoadReport:
     """Dry run: the report ``load`` would give, without touching the model.
 
@@ -212,7 +212,7 @@ def _plan(model, source, select, prefix, rename, auto, mismatch, strict, trust,
                       for c in ranked if c is not cand],
         placeholders=list(ckpt.placeholders), loaded_fraction=p.loaded_fraction,
         options={"select": select, "prefix": prefix, "rename": _describe(rename), "auto": auto,
-                 "mismatch": mismatch, "strict": strict, "trust": trust,
+                 "mismatch": str(mismatch), "strict": strict, "trust": trust,
                  "timm_filter": timm_filter},
     )
     if any(a["ema"] for a in report.alternatives) and not cand.is_ema:
@@ -232,7 +232,7 @@ def _describe(rename: Rename) -> Any:
 
 def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
-         mismatch: str = "error", strict: bool = False, trust: bool = False,
+         mismatch: str = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
          timm_filter: bool = False, progress: bool | None = None) -> LoadReport:
     """Load ``source`` into ``model`` all-or-nothing and return the report.
 

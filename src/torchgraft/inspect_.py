@@ -208,10 +208,14 @@ def tensor_stats(t: torch.Tensor, chunk: int = CHUNK) -> dict[str, Any]:
             lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
     flags = [f for f, on in (("nan", nan), ("inf", inf), ("all_zero", flat.numel() and not nonzero))
              if on]
-    return {"min": lo if count else None, "max": hi if count else None,
-            "mean": mean if count else None,
-            "std": math.sqrt(m2 / (count - 1)) if count > 1 else (0.0 if count else None),
-            "nan": nan, "inf": inf, "flags": flags}
+    std = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
+    return {"min": _finite(lo, count), "max": _finite(hi, count), "mean": _finite(mean, count),
+            "std": _finite(std, count), "nan": nan, "inf": inf, "flags": flags}
+
+
+def _finite(x: float, count: int) -> float | None:
+    """None when there were no finite values or the float64 statistic overflowed."""
+    return x if count and math.isfinite(x) else None
 
 
 def shared_groups(refs: dict[str, TensorRef]) -> list[list[str]]:

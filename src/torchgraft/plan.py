@@ -29,6 +29,14 @@ from .tensors import TensorRef
 MISMATCH_MODES = ("error", "skip")
 
 
+class _DefaultMismatch(str):
+    """The default ``mismatch="error"``: equal to "error", but lets framework rules (timm's
+    replaceable classifier) apply. Passing ``mismatch="error"`` explicitly turns them off."""
+
+
+DEFAULT_MISMATCH = _DefaultMismatch("error")
+
+
 @dataclass
 class Slot:
     """A model tensor that can be filled: the state-dict name and the live tensor object."""
@@ -109,7 +117,9 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
         used.add(src)
         why = "; ".join(names.why.get(src, []))
         if ref.shape != tshape:
-            head = next((p for p in classifiers or () if name.startswith(p)), None)
+            head = None
+            if classifiers and mismatch is DEFAULT_MISMATCH:
+                head = next((p for p in classifiers if name.startswith(p)), None)
             reason = _join("shape mismatch", why) if head is None else classifiers[head]
             if head is not None:
                 plan.tolerated.add(name)

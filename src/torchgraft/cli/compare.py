@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from ..tensors import TensorRef
 
 CUTOFF = 0.5
 SHAPE_BONUS = 0.25
+NUMEL_BONUS = 0.15
 INDEX_PENALTY = 0.3
 MAX_POOL = 2000
 CHUNK = 1 << 22
@@ -37,6 +39,9 @@ def _digits(name: str) -> list[str]:
 def suggest(name: str, shape: Any, pool: list[tuple[str, Any]], n: int = 3,
             alias: dict[str, str] | None = None) -> list[dict]:
     """Closest names in ``pool`` by difflib similarity; equal shapes and layer indices first.
+
+    Equal shapes add 0.25 to the similarity, equal element counts 0.15, and a different layer
+    index (``blocks.0`` vs ``blocks.1``) subtracts 0.3.
 
     ``alias`` maps a pool name to the name it had after prefix/rename/auto; both are compared.
     """
@@ -51,14 +56,22 @@ def suggest(name: str, shape: Any, pool: list[tuple[str, Any]], n: int = 3,
             if sm.real_quick_ratio() >= CUTOFF and sm.quick_ratio() >= CUTOFF:
                 best = max(best, sm.ratio())
         if best >= CUTOFF:
-            same = other_shape is not None and tuple(other_shape) == tuple(shape or ())
-            score = best + (SHAPE_BONUS if same else 0.0)
+            score = best + _shape_bonus(shape, other_shape)
             score -= INDEX_PENALTY if _digits(other) != digits and \
                 _digits((alias or {}).get(other, other)) != digits else 0.0
             scored.append((score, other, other_shape, best))
     scored.sort(key=lambda s: (-s[0], s[1]))
     return [{"name": o, "shape": list(s) if s is not None else None, "similarity": round(r, 2)}
             for _, o, s, r in scored[:n]]
+
+
+def _shape_bonus(a: Any, b: Any) -> float:
+    """Equal shapes count most; equal element counts (a reshape away) count some."""
+    if a is None or b is None:
+        return 0.0
+    if tuple(a) == tuple(b):
+        return SHAPE_BONUS
+    return NUMEL_BONUS if math.prod(a) == math.prod(b) else 0.0
 
 
 def mapped_names(report: LoadReport) -> dict[str, str]:
@@ -99,7 +112,8 @@ def fold(names: list[str]) -> list[tuple[str, list[str]]]:
 def renamed(report: LoadReport) -> list[dict[str, str]]:
     """Entries loaded under another name, with the rule that renamed them."""
     return [{"source": e.source, "target": e.target, "reason": e.reason} for e in report.entries
-            if e.action in ("copied", "cast") and e.source and e.target and e.source != e.target]
+            if e.action in ("copied", "cast") and e.source and e.target and e.source != e.target
+            and not e.reason.startswith("tied to")]
 
 
 # --- checkpoint vs checkpoint -------------------------------------------------------------------

@@ -144,10 +144,6 @@ def _unmatched(title: str, entries: list, shape_of: Any, name_of: Any,
     return lines
 
 
-def _list(shape: Any) -> list[int] | None:
-    return None if shape is None else list(shape)
-
-
 def _plan_text(out: dict[str, Any], r: Any, st: Style) -> list[str]:
     c = r.counts
     n_model = sum(1 for e in r.entries if e.target is not None)
@@ -169,10 +165,18 @@ def _plan_text(out: dict[str, Any], r: Any, st: Style) -> list[str]:
         lines += [f"    {i['source']} -> {i['target']}" for i in items[:3]]
         if len(items) > 3:
             lines.append(f"    ... and {len(items) - 3} more")
+    tied = [e for e in r.by_action("copied") if e.reason.startswith("tied to")]
+    if tied:
+        lines.append(st.green(f"  tied ({len(tied)}), filled through the tensor they share:"))
+        lines += [f"    {e.target}: {e.reason}" for e in tied[:MAX_LINES]]
     casts = r.by_action("cast")
     if casts:
         lines.append(f"  cast ({len(casts)}):")
-        lines += _grouped([e.target for e in casts], "")
+        by_cast: dict[str, list[str]] = {}
+        for e in casts:
+            by_cast.setdefault(e.reason.split(";")[0], []).append(e.target)
+        for kind, names in by_cast.items():
+            lines += _grouped(names, f"  ({kind})")
     mism = r.mismatched
     if mism:
         lines.append(st.red(f"  shape mismatch ({len(mism)}):"))

@@ -137,7 +137,10 @@ def _footer(info: dict[str, Any], st: Style) -> list[str]:
         lines += ["", st.bold("provenance (written by torchgraft convert):")]
         src = prov.get("source", {})
         opts = {k: v for k, v in prov.get("options", {}).items() if v not in (None, [], False)}
-        rows = [["source", f"{src.get('file')}  sha256 {str(src.get('sha256'))[:16]}...  "
+        digest = src.get("sha256")
+        digest = (f"sha256 {digest[:16]}..." if isinstance(digest, str)
+                  else f"sha256 of {len(digest or {})} files")
+        rows = [["source", f"{src.get('file')}  {digest}  "
                            f"selected '{src.get('selected') or '<top>'}'"],
                 ["created", f"{prov.get('created')} by torchgraft {prov.get('version')}"],
                 ["options", ", ".join(f"{k}={v}" for k, v in opts.items()) or "none"]]

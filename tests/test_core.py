@@ -444,3 +444,16 @@ def test_plan_is_a_dry_run(convnext_pair):
     report = tg.plan(model, {"module." + k: v for k, v in src.state_dict().items()})
     assert report.ok and not report.applied and report.loaded_fraction == 1.0
     assert_unchanged(model, snap)
+
+
+def test_staged_copy_path_is_exact_on_cpu(tmp_path):
+    """The accelerator path (chunks through per-worker buffers) run with CPU targets."""
+    from torchgraft.staged import copy_staged
+
+    src = rm.timm_model("resnet18")
+    save_file(src.state_dict(), tmp_path / "r.safetensors")
+    state = tg.read(tmp_path / "r.safetensors")
+    dst = fresh(src)
+    targets = dst.state_dict()
+    copy_staged([(state.ref(k), targets[k]) for k in targets], chunk_bytes=4096, workers=3)
+    assert_loaded(dst, src.state_dict())

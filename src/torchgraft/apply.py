@@ -30,6 +30,7 @@ import torch
 
 from .errors import PartialLoadError
 from .plan import Copy
+from .staged import copy_staged, stageable
 from .tensors import FileRef
 
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024
@@ -101,10 +102,19 @@ def apply_copies(
                 progress(copy.ref.nbytes)
 
     ordered = sorted(copies, key=_order)
+    staged = [c for c in ordered if stageable(c.ref, c.slots[0].tensor)]
+    if staged:
+        ordered = [c for c in ordered if not stageable(c.ref, c.slots[0].tensor)]
     workers = threads if threads is not None else min(4, os.cpu_count() or 1)
     big = [c for c in ordered if _parallel_ok(c)] if workers > 1 else []
     rest = [c for c in ordered if not _parallel_ok(c)] if big else ordered
     try:
+        if staged:  # accelerator targets: pinned buffers, many transfers in flight
+            copy_staged([(c.ref, c.slots[0].tensor) for c in staged])
+            for copy in staged:
+                written.extend(s.name for s in copy.slots)
+                if progress:
+                    progress(copy.ref.nbytes)
         if big:
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(run, big))

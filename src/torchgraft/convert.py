@@ -276,9 +276,7 @@ def verify_file(dst: str | os.PathLike, result: ConvertResult) -> list[str]:
     """Re-read DST and compare every tensor bit for bit with what was meant to be written."""
     got = read(dst)
     problems = []
-    want = {it.name for it in result.stored}
-    if result.format == "pth":
-        want |= set(result.aliases)
+    want = {it.name for it in result.stored} | set(result.aliases)
     missing, extra = want - set(got.refs), set(got.refs) - want
     if missing or extra:
         problems.append(f"names differ: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}")
@@ -290,11 +288,10 @@ def verify_file(dst: str | os.PathLike, result: ConvertResult) -> list[str]:
     _, aliases = provenance(got.checkpoint)
     if aliases != result.aliases:
         problems.append(f"aliases recorded {aliases}, expected {result.aliases}")
-    if result.format == "pth":
-        for alias, kept in result.aliases.items():
-            a, k = got.refs.get(alias), got.refs.get(kept)
-            if a is None or k is None or a.alias_key() != k.alias_key():
-                problems.append(f"{alias} is not stored shared with {kept}")
+    for alias, kept in result.aliases.items():
+        a, k = got.refs.get(alias), got.refs.get(kept)
+        if a is None or k is None or a.alias_key() != k.alias_key():
+            problems.append(f"{alias} is not stored shared with {kept}")
     return problems[:20]
 
 

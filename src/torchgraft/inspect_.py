@@ -31,6 +31,7 @@ from .tensors import TensorRef
 
 CHUNK = 1 << 22  # elements per float64 chunk in stats: 32 MB
 INLINE = 110  # longest inline rendering of a container value
+JSON_INLINE = 4000  # longest rendering whose JSON value --json includes
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -129,6 +130,8 @@ def describe_value(key: str, value: Any, candidate_paths: set[str]) -> dict[str,
         summary = f"{text}  (not executed)" if small else f"{value.qualname}(...)  (not executed)"
     elif small:
         summary = f"{kind}: {text}"
+    elif isinstance(value, dict) and n == 0 and _partial(value):
+        summary = f"dict: {_partial(value)}"
     elif isinstance(value, dict):
         keys = ", ".join(_short(str(k)) for k in list(value)[:6]) + (", ..." if len(value) > 6
                                                                        else "")
@@ -140,7 +143,19 @@ def describe_value(key: str, value: Any, candidate_paths: set[str]) -> dict[str,
     if n:
         summary += f" ({n} tensors)"
     return {"key": key, "type": kind, "summary": summary,
-            "value": to_json(value) if small else None, "tensors": n}
+            "value": to_json(value) if n == 0 and len(text) <= JSON_INLINE else None,
+            "tensors": n}
+
+
+def _partial(value: dict) -> str | None:
+    """The first items of a dict that fit in one line, then how many keys it has."""
+    parts: list[str] = []
+    for k, v in value.items():
+        item = f"{render(k)}: {render(v, 1)}"
+        if sum(len(p) + 2 for p in parts) + len(item) > INLINE - 16:
+            break
+        parts.append(item)
+    return "{" + ", ".join(parts) + f", ... ({len(value)} keys)}}" if parts else None
 
 
 def _short(text: str, width: int = 40) -> str:

@@ -216,8 +216,12 @@ def _apply_auto(names: dict[str, str], src: Mapping[str, Shape],
         unchanged = base - len(taken & model_set)
         for a_pre, under in add_sets.items():
             if s_pre or a_pre:
-                score = len(rest & under) + unchanged
-                options.append((-score, len(s_pre) + len(a_pre), s_pre, a_pre))
+                hits = len(rest & under)
+                # a rule must be right for most of the names it renames: a handful of
+                # coincidental shape matches never justifies renaming (a silent wrong load)
+                if hits * 2 < len(taken):
+                    continue
+                options.append((-(hits + unchanged), len(s_pre) + len(a_pre), s_pre, a_pre))
     if not options:
         return names
     neg_score, _, s_pre, a_pre = min(options)

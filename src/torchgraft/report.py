@@ -235,7 +235,8 @@ def format_report(r: LoadReport) -> str:
     _section("unexpected, not used", r.by_action("unexpected"), lines)
     if r.placeholders:
         names = ", ".join(r.placeholders[:6]) + (" ..." if len(r.placeholders) > 6 else "")
-        lines.append(f"  not executed: the file references {names}; they were not run")
+        verb = "it was" if len(r.placeholders) == 1 else "they were"
+        lines.append(f"  not executed: the file references {names}; {verb} not run")
     if r.error:
         lines.append(f"  FAILED: {r.error.splitlines()[0]}")
     return "\n".join(lines)

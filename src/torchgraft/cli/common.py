@@ -186,9 +186,3 @@ def mapping_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "trust": getattr(args, "trust", False),
     }
 
-
-def existing_path(text: str, what: str = "file") -> str:
-    """A path that must exist, or a usage error naming it."""
-    if not os.path.exists(text):
-        raise CliError(f"{text}: no such {what}")
-    return text

@@ -7,7 +7,8 @@ JSON schema (``--json``), ``"schema": "torchgraft.inspect/1"``::
     {"schema": "torchgraft.inspect/1",
      "file": str, "size_bytes": int | null, "format": str,        # e.g. "torch-zip"
      "container": [{"key": str, "type": str, "summary": str,      # one row per top-level key
-                    "value": <JSON value, only when small> | null, "tensors": int}],
+                    "value": <JSON value when it holds no tensors and is small> | null,
+                    "tensors": int}],
      "candidates": [{"path": str, "tensors": int, "parameters": int, "bytes": int,
                      "dtypes": {dtype: count}, "ema": bool, "selected": bool}],
      "selected": str | null,                                      # what tg.read picks

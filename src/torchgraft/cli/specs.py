@@ -120,7 +120,8 @@ def build_model(spec: str | ModelSpec, kwargs: dict[str, Any] | None = None,
                             f"({type(err).__name__}: {err})") from None
     if not isinstance(model, torch.nn.Module):
         raise SpecError(f"{s.text} returned a {type(model).__name__}, not a torch.nn.Module")
-    return model.eval()
+    model.eval()  # not `return model.eval()`: some models' train() returns None
+    return model
 
 
 def _missing(package: str) -> SpecError:

@@ -62,6 +62,20 @@ def _numel(dims: object) -> int | None:
         return None
 
 
+def _add_aliases(root: dict, aliases: str | None) -> None:
+    """Shared tensors written once by ``torchgraft convert``: alias names point at the kept one."""
+    if not aliases:
+        return
+    try:
+        table = json.loads(aliases)
+    except ValueError:
+        return
+    if isinstance(table, dict):
+        for alias, kept in table.items():
+            if isinstance(alias, str) and kept in root and alias not in root:
+                root[alias] = root[kept]
+
+
 class SafetensorsFormat(Format):
     """Reads safetensors headers; tensors are read later straight from the file."""
 
@@ -140,4 +154,5 @@ class SafetensorsFormat(Format):
             if b2 < e1 and e2 > b2:
                 raise CorruptCheckpointError(f"tensors {n1!r} and {n2!r} overlap in the file")
         meta = {str(k): str(v) for k, v in metadata.items()}
+        _add_aliases(root, meta.get("torchgraft.aliases"))
         return Checkpoint(root=root, format=self.name, path=fh.path, metadata=meta)

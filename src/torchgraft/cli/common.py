@@ -16,6 +16,8 @@ import re
 import sys
 from typing import Any, TextIO
 
+from ..plan import DEFAULT_MISMATCH
+
 
 class CliError(Exception):
     """A usage or input problem: printed as one ``torchgraft: error:`` line; exit status 2."""
@@ -111,7 +113,8 @@ MAPPING_HELP = {
     "prefix": "keep only names under this prefix and strip it (e.g. 'backbone')",
     "rename": "rename rule 'REGEX=>REPLACEMENT' (repeatable; applied in order)",
     "no_auto": "do not reconcile prefixes automatically (module., backbone. ...)",
-    "mismatch": "shape mismatches: 'error' (default) refuses, 'skip' keeps the model's values",
+    "mismatch": ("shape mismatches: 'error' refuses, 'skip' keeps the model's values; default: "
+                 "as tg.load (refuses, except a timm classifier, which is left as initialised)"),
     "strict": "fail when any name is missing or unexpected",
     "trust": "allow pickled code to run (only for files you trust)",
 }
@@ -130,7 +133,7 @@ def add_mapping_options(p: argparse.ArgumentParser, *names: str) -> None:
     if "no_auto" in names:
         p.add_argument("--no-auto", action="store_true", help=MAPPING_HELP["no_auto"])
     if "mismatch" in names:
-        p.add_argument("--mismatch", choices=("error", "skip"), default="error",
+        p.add_argument("--mismatch", choices=("error", "skip"), default=None,
                        help=MAPPING_HELP["mismatch"])
     if "strict" in names:
         p.add_argument("--strict", action="store_true", help=MAPPING_HELP["strict"])
@@ -181,7 +184,8 @@ def mapping_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "prefix": getattr(args, "prefix", None),
         "rename": parse_rename(getattr(args, "rename", None)),
         "auto": not getattr(args, "no_auto", False),
-        "mismatch": getattr(args, "mismatch", "error"),
+        # not given: tg.plan's own default (framework rules such as timm's classifier apply)
+        "mismatch": getattr(args, "mismatch", None) or DEFAULT_MISMATCH,
         "strict": getattr(args, "strict", False),
         "trust": getattr(args, "trust", False),
     }

@@ -31,9 +31,10 @@ import torch
 from .errors import PartialLoadError
 from .plan import Copy
 from .staged import copy_staged, stageable
-from .tensors import FileRef
+from .tensors import FileRef, byte_view
 
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024
+CHUNK_BYTES = 16 * 1024 * 1024
 SMALL_BYTES = 256 * 1024  # tensors below this are read in batches
 BATCH_BYTES = 8 * 1024 * 1024
 BATCH_GAP = 64 * 1024
@@ -117,7 +118,26 @@ def apply_copies(
                     progress(copy.ref.nbytes)
         if big:
             with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(run, big))
+                tasks = [t for c in big for t in _chunks(c)]
+                left = {id(c): 0 for c in big}
+                for c, _, _ in tasks:
+                    left[id(c)] += 1
+
+                def run_task(task: tuple[Copy, int, int]) -> None:
+                    copy, start, n = task
+                    if n == 0:
+                        run(copy)
+                        return
+                    _read_chunk(copy, start, n)
+                    with lock:
+                        left[id(copy)] -= 1
+                        done = left[id(copy)] == 0
+                        if done:
+                            written.extend(s.name for s in copy.slots)
+                            if progress:
+                                progress(copy.ref.nbytes)
+
+                list(pool.map(run_task, tasks))
         for item in _batches(rest):
             if isinstance(item, list):
                 run_batch(item)
@@ -182,6 +202,25 @@ def _copy_batch(batch: list[Copy]) -> None:
     for copy in batch:
         b, e = copy.ref.byte_range()
         ctypes.memmove(copy.slots[0].tensor.data_ptr(), base + (b - start), e - b)
+
+
+CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def _chunks(copy: Copy) -> list[tuple[Copy, int, int]]:
+    """Slices of a large byte-for-byte read, so that one huge tensor keeps every thread busy;
+    ``(copy, 0, 0)`` stands for the whole copy when it cannot be sliced."""
+    ref, target = copy.ref, copy.slots[0].tensor
+    direct = (ref.contiguous and target.dtype == ref.dtype and target.is_contiguous()
+              and target.device.type == "cpu")
+    if not direct or ref.nbytes <= CHUNK_BYTES:
+        return [(copy, 0, 0)]
+    return [(copy, s, min(CHUNK_BYTES, ref.nbytes - s)) for s in range(0, ref.nbytes, CHUNK_BYTES)]
+
+
+def _read_chunk(copy: Copy, start: int, n: int) -> None:
+    view = byte_view(copy.slots[0].tensor)[start:start + n]
+    copy.ref.file.pread_into(view, copy.ref.byte_range()[0] + start)
 
 
 def _parallel_ok(copy: Copy) -> bool:

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import threading
@@ -37,6 +38,7 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+@functools.lru_cache(maxsize=4096)
 def is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     """True when ``stride`` lays ``shape`` out row-major (size-1 dims may have any stride)."""
     expected = 1

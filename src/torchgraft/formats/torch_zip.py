@@ -66,6 +66,23 @@ def _data_offsets(fh: FileHandle, infos: list[zipfile.ZipInfo]) -> dict[str, int
     return offsets
 
 
+class _ZipStorage(StorageRef):
+    """A storage record of the archive: tensors built on it are views at its file offset."""
+
+    def __init__(self, dtype: torch.dtype, numel: int, fh: FileHandle, offset: int,
+                 nbytes: int, key: tuple[str, str]) -> None:
+        self.dtype, self.numel = dtype, numel
+        self.fh, self.offset, self.nbytes, self.key = fh, offset, nbytes, key
+
+    def make_tensor(self, storage: StorageRef, dt: torch.dtype, elem_offset: int,
+                    shape: tuple[int, ...], stride: tuple[int, ...]) -> FileRef:
+        ref = FileRef(self.fh, self.offset, dt, shape, stride, elem_offset, storage_key=self.key)
+        if ref.numel and (elem_offset + ref.span_elems()) * dt.itemsize > self.nbytes:
+            raise CorruptCheckpointError(
+                f"tensor of shape {list(shape)} needs more bytes than storage {self.key[1]} holds")
+        return ref
+
+
 class TorchZipFormat(Format):
     """Reads torch's zip serialization lazily and without running pickled code."""
 
@@ -115,6 +132,7 @@ class TorchZipFormat(Format):
                 raise CorruptCheckpointError(f"{path.name}: cannot read {pkl_name}: {err}") from None
 
         storages: dict[str, StorageRef] = {}
+        path_str = str(path)
         data_infos = [i for n, i in infos.items() if n.startswith(prefix + "data/")]
         offsets = _data_offsets(fh, data_infos)
 
@@ -137,17 +155,7 @@ class TorchZipFormat(Format):
                 raise CorruptCheckpointError(f"storage data/{key} runs past the end of the file")
             dtype = storage_type.dtype
             numel = info.file_size // dtype.itemsize if dtype != torch.uint8 else info.file_size
-
-            def make_tensor(storage, dt, elem_offset, shape, stride, _off=offset, _key=key,
-                            _nbytes=info.file_size):
-                ref = FileRef(fh, _off, dt, shape, stride, elem_offset, storage_key=(str(path), _key))
-                if ref.numel and (elem_offset + ref.span_elems()) * dt.itemsize > _nbytes:
-                    raise CorruptCheckpointError(
-                        f"tensor of shape {list(shape)} needs more bytes than storage {_key} holds"
-                    )
-                return ref
-
-            ref = StorageRef(dtype, numel, make_tensor)
+            ref = _ZipStorage(dtype, numel, fh, offset, info.file_size, (path_str, key))
             storages[key] = ref
             return ref
 

@@ -117,12 +117,18 @@ class StorageRef:
         self.make_tensor = make_tensor
 
 
+_INT_ONLY = {int}
+
+
 def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
-    ):
-        raise CorruptCheckpointError(f"bad tensor {what}: {value!r}")
-    return tuple(value)
+    """``value`` as a tuple of non-negative ints, or a CorruptCheckpointError."""
+    kind = type(value)
+    if (kind is tuple or kind is list) and (
+            not value or (set(map(type, value)) <= _INT_ONLY and min(value) >= 0)):
+        return value if kind is tuple else tuple(value)
+    if kind is torch.Size:
+        return tuple(value)
+    raise CorruptCheckpointError(f"bad tensor {what}: {value!r:.80}")
 
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any,

@@ -38,7 +38,19 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+_CACHE: dict[tuple, tuple[list[Any], list[Any]] | None] = {}
+
+
 def _transforms(model: Any) -> tuple[list[Any], list[Any]] | None:
+    """transformers' renamings and converters for ``model``, cached per class and model type
+    (building them compiles about a thousand regexes)."""
+    key = (type(model), getattr(getattr(model, "config", None), "model_type", None))
+    if key not in _CACHE:
+        _CACHE[key] = _build_transforms(model)
+    return _CACHE[key]
+
+
+def _build_transforms(model: Any) -> tuple[list[Any], list[Any]] | None:
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming

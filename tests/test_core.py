@@ -467,3 +467,26 @@ def test_large_tensors_are_read_in_parallel_slices_exactly(tmp_path):
     report = tg.load(dst, tmp_path / "big.pth")
     assert report.loaded_fraction == 1.0
     assert_loaded(dst, src.state_dict())
+
+
+@pytest.mark.parametrize("stored", ["embed.weight", "head.weight"])
+def test_tied_alias_before_or_after_the_stored_name(stored):
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    torch.manual_seed(0)
+    src = Tied()
+    dst = Tied()
+    report = tg.load(dst, {stored: src.embed.weight.detach().clone()})
+    assert not report.missing_keys and report.loaded_fraction == 1.0
+    assert dst.head.weight is dst.embed.weight
+    assert torch.equal(dst.embed.weight, src.embed.weight)
+    with torch.device("meta"):
+        meta = Tied()
+    tg.load(meta, {stored: src.embed.weight.detach().clone()})
+    assert meta.head.weight is meta.embed.weight and not meta.embed.weight.is_meta
+    assert torch.equal(meta.embed.weight, src.embed.weight)

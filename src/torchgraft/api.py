@@ -123,7 +123,7 @@ def _choose(ckpt: Checkpoint, select: str | None, score: Any) -> tuple[Candidate
 
 
 def _shapes(slots: dict[str, Slot]) -> dict[str, tuple[int, ...]]:
-    return {n: tuple(s.tensor.shape) for n, s in slots.items()}
+    return {n: s.shape for n, s in slots.items()}
 
 
 def _fit(names: NameMap, refs: dict[str, TensorRef],

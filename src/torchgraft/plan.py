@@ -44,6 +44,8 @@ class Slot:
     name: str
     tensor: torch.Tensor
     group: int  # equal for names that share one tensor (tied weights)
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32
 
 
 @dataclass
@@ -70,7 +72,7 @@ def model_slots(model: torch.nn.Module) -> dict[str, Slot]:
     for name, value in model.state_dict(keep_vars=True).items():
         if isinstance(value, torch.Tensor):
             gid = groups.setdefault(id(value), len(groups))
-            slots[name] = Slot(name, value, gid)
+            slots[name] = Slot(name, value, gid, tuple(value.shape), value.dtype)
     return slots
 
 
@@ -103,19 +105,38 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
             duplicates[src] = by_target[tgt]
         else:
             by_target[tgt] = src
-    group_source: dict[int, str] = {}  # tie group -> model name that carries the data
-    copies: dict[int, Copy] = {}
-    used: set[str] = set()
-    pending_ties: list[Slot] = []
+    # pass 1: which model name carries each tie group's data
+    group_source: dict[int, str] = {}
     for name, slot in slots.items():
         src = by_target.get(name)
-        tshape, tdtype = tuple(slot.tensor.shape), slot.tensor.dtype
+        if src is not None and slot.group not in group_source and refs[src].shape == slot.shape:
+            group_source[slot.group] = name
+    # pass 2: one entry per model tensor, in the model's order
+    copies: dict[int, Copy] = {}
+    used: set[str] = set()
+    why_of = names.why
+    entries = plan.entries
+    for name, slot in slots.items():
+        src = by_target.get(name)
+        tshape, tdtype = slot.shape, slot.dtype
         if src is None:
-            pending_ties.append(slot)
+            carrier = group_source.get(slot.group)
+            dt = _dtype(tdtype)
+            if carrier is not None:
+                copy = copies.get(slot.group)
+                if copy is None:  # the carrier comes later in the model's order
+                    copy = copies[slot.group] = Copy(refs[by_target[carrier]], [], "")
+                copy.slots.append(slot)
+                entries.append(Entry(name, by_target[carrier], "copied", tshape, tshape, dt, dt,
+                                     f"tied to {carrier} (shares its storage)"))
+            else:
+                entries.append(Entry(name, None, "missing", None, tshape, None, dt,
+                                     "not in checkpoint"))
             continue
         ref = refs[src]
         used.add(src)
-        why = "; ".join(names.why.get(src, []))
+        why_list = why_of.get(src)
+        why = "; ".join(why_list) if why_list else ""
         if ref.shape != tshape:
             head = None
             if classifiers and mismatch is DEFAULT_MISMATCH:
@@ -123,31 +144,23 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
             reason = _join("shape mismatch", why) if head is None else classifiers[head]
             if head is not None:
                 plan.tolerated.add(name)
-            plan.entries.append(Entry(name, src, "skipped", ref.shape, tshape, _dtype(ref.dtype),
-                                      _dtype(tdtype), reason))
+            entries.append(Entry(name, src, "skipped", ref.shape, tshape, _dtype(ref.dtype),
+                                 _dtype(tdtype), reason))
             continue
-        action = "copied" if ref.dtype == tdtype else "cast"
-        reason = why if action == "copied" else _join(f"{_dtype(ref.dtype)} -> {_dtype(tdtype)}",
-                                                      why)
-        plan.entries.append(Entry(name, src, action, ref.shape, tshape, _dtype(ref.dtype),
-                                  _dtype(tdtype), reason))
-        if slot.group in copies:
-            copies[slot.group].slots.append(slot)  # tied names both in the file: write once
+        if ref.dtype == tdtype:
+            action, reason = "copied", why
         else:
+            action, reason = "cast", _join(f"{_dtype(ref.dtype)} -> {_dtype(tdtype)}", why)
+        entries.append(Entry(name, src, action, ref.shape, tshape, _dtype(ref.dtype),
+                             _dtype(tdtype), reason))
+        copy = copies.get(slot.group)
+        if copy is None:
             copies[slot.group] = Copy(ref, [slot], src)
-            group_source[slot.group] = name
-    for slot in pending_ties:
-        carrier = group_source.get(slot.group)
-        shape, dt = tuple(slot.tensor.shape), _dtype(slot.tensor.dtype)
-        if carrier is not None:
-            copies[slot.group].slots.append(slot)
-            plan.entries.append(Entry(slot.name, copies[slot.group].source, "copied", shape,
-                                      shape, dt, dt, f"tied to {carrier} (shares its storage)"))
+        elif not copy.source:  # a tied alias was seen first: this is the carrier
+            copy.ref, copy.source = ref, src
+            copy.slots.insert(0, slot)
         else:
-            plan.entries.append(Entry(slot.name, None, "missing", None, shape, None, dt,
-                                      "not in checkpoint"))
-    order = {n: i for i, n in enumerate(slots)}
-    plan.entries.sort(key=lambda e: order.get(e.target, 0))
+            copy.slots.append(slot)  # tied names both in the file: written once
     for src, ref in refs.items():
         if src in used:
             continue
@@ -172,7 +185,7 @@ def _join(a: str, b: str) -> str:
 def _loaded_fraction(slots: dict[str, Slot], copies: dict[int, Copy]) -> float:
     sizes: dict[int, int] = {}
     for slot in slots.values():
-        sizes[slot.group] = math.prod(slot.tensor.shape)
+        sizes[slot.group] = math.prod(slot.shape)
     total = sum(sizes.values())
     if total == 0:
         return 1.0 if not slots else 0.0

@@ -168,7 +168,7 @@ def _framework_rules(model: torch.nn.Module, auto: bool) -> tuple[dict[str, str]
     from .integrations.transformers import hf_renamer
 
     classifiers = {p: skip_reason(p) for p in classifier_names(model)}
-    return classifiers, hf_renamer(model)
+    return classifiers, lambda: hf_renamer(model)  # built only when the names need it
 
 
 def _filtered(model: torch.nn.Module, cand: Candidate) -> Candidate:

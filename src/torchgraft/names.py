@@ -62,13 +62,13 @@ def map_names(
     prefix: str | None = None,
     rename: Rename = None,
     auto: bool = True,
-    framework_rename: Callable[[str], str] | None = None,
+    framework_rename: Callable[[], Callable[[str], str] | None] | None = None,
 ) -> NameMap:
     """Map checkpoint names to model names; ``model`` maps model names to shapes.
 
-    ``framework_rename`` is a renaming the target's framework defines (transformers' conversion
-    mapping); it runs after ``rename`` and before ``auto``, and is recorded only if it changed a
-    name.
+    ``framework_rename`` builds a renaming the target's framework defines (transformers'
+    conversion mapping). It is built and applied only when the names do not already all fit the
+    model, after ``rename`` and before ``auto``, and recorded only if it changed a name.
     """
     out = NameMap()
     names = {n: n for n in src}  # src name -> current name
@@ -76,9 +76,12 @@ def map_names(
         names = _apply_prefix(names, src, model, prefix, auto, out)
     if rename is not None:
         names = _apply_rename(names, rename, out)
-    if framework_rename is not None:
+    fn = None
+    if framework_rename is not None and model is not None and not _all_fit(names, src, model):
+        fn = framework_rename()
+    if fn is not None:
         before = len(out.rules)
-        renamed = _apply_rename(names, framework_rename, out)
+        renamed = _apply_rename(names, fn, out)
         if renamed == names:
             del out.rules[before:]
         names = renamed
@@ -86,6 +89,12 @@ def map_names(
         names = _apply_auto(names, src, model, out)
     out.target = names
     return out
+
+
+def _all_fit(names: dict[str, str], src: Mapping[str, Shape], model: Mapping[str, Shape]) -> bool:
+    """Every checkpoint tensor, or every model tensor, already matches by name and shape."""
+    hits = sum(1 for s, cur in names.items() if model.get(cur) == src[s])
+    return hits == min(len(names), len(model))
 
 
 def _note(out: NameMap, src_name: str, text: str) -> None:

@@ -25,7 +25,7 @@ from .api import read
 from .errors import SelectError
 from .formats import Checkpoint, open_checkpoint
 from .formats.unpickler import Placeholder
-from .report import group_names
+from .report import fold_indices
 from .selection import find_candidates
 from .tensors import TensorRef
 
@@ -181,15 +181,11 @@ def describe_container(root: Any, candidate_paths: set[str]) -> list[dict[str, A
 
 def group_tensors(refs: dict[str, TensorRef]) -> list[dict[str, Any]]:
     """Fold names that differ only in layer indices; shape/dtype of the first, and a count."""
-    groups: dict[tuple, list[str]] = {}
-    for name in refs:
-        key = tuple("#" if p.isdigit() else p for p in name.split("."))
-        groups.setdefault(key, []).append(name)
     out = []
-    for members in groups.values():
+    for pattern, members in fold_indices(list(refs)):
         first = refs[members[0]]
         out.append({
-            "pattern": group_names(members)[0] if len(members) > 1 else members[0],
+            "pattern": pattern,
             "count": len(members), "shape": list(first.shape), "dtype": dtype_name(first.dtype),
             "shapes": len({refs[m].shape for m in members}),
             "nbytes": sum(refs[m].nbytes for m in members),

@@ -133,19 +133,29 @@ def _render_numbers(values: list[int]) -> str:
     return "{" + ",".join(map(str, vals)) + "}"
 
 
+def fold_indices(names: list[str]) -> list[tuple[str, list[str]]]:
+    """Group names that differ only in layer indices: ``[(pattern, members)]``, in order.
+
+    Example:
+        >>> fold_indices(["a.0.w", "a.1.w", "b"])
+        [('a.{0..1}.w', ['a.0.w', 'a.1.w']), ('b', ['b'])]
+    """
+    by_shape: OrderedDict[tuple, list[str]] = OrderedDict()
+    for name in names:
+        key = tuple("#" if p.isdigit() else p for p in name.split("."))
+        by_shape.setdefault(key, []).append(name)
+    out = []
+    for key, members in by_shape.items():
+        parts = [m.split(".") for m in members]
+        rendered = [_render_numbers([int(m[i]) for m in parts]) if part == "#" else part
+                    for i, part in enumerate(key)]
+        out.append((".".join(rendered), members))
+    return out
+
+
 def group_names(names: list[str]) -> list[str]:
     """Fold layer indices (``blocks.{0..11}.x``) and sibling leaves (``mod.{bias,weight}``)."""
-    by_shape: OrderedDict[tuple, list[list[str]]] = OrderedDict()
-    for name in names:
-        parts = name.split(".")
-        key = tuple("#" if p.isdigit() else p for p in parts)
-        by_shape.setdefault(key, []).append(parts)
-    folded: list[str] = []
-    for key, members in by_shape.items():
-        out = []
-        for i, part in enumerate(key):
-            out.append(_render_numbers([int(m[i]) for m in members]) if part == "#" else part)
-        folded.append(".".join(out))
+    folded = [pattern for pattern, _ in fold_indices(names)]
     by_parent: OrderedDict[str, list[str]] = OrderedDict()
     for pattern in folded:
         parent, _, leaf = pattern.rpartition(".")

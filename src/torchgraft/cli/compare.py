@@ -21,7 +21,7 @@ import torch
 from ..api import read
 from ..errors import PrefixNotFoundError, SelectError
 from ..names import Rename, map_names, strip_wrappers
-from ..report import LoadReport, group_names
+from ..report import LoadReport, fold_indices
 from ..tensors import TensorRef
 
 CUTOFF = 0.5
@@ -102,11 +102,7 @@ def plan_suggestions(report: LoadReport) -> dict[str, dict[str, list[dict]]]:
 
 def fold(names: list[str]) -> list[tuple[str, list[str]]]:
     """Group names that differ only in layer indices: ``[(pattern, members)]``, in order."""
-    groups: dict[tuple, list[str]] = {}
-    for name in names:
-        groups.setdefault(tuple("#" if p.isdigit() else p for p in name.split(".")),
-                          []).append(name)
-    return [(group_names(m)[0] if len(m) > 1 else m[0], m) for m in groups.values()]
+    return fold_indices(names)
 
 
 def renamed(report: LoadReport) -> list[dict[str, str]]:

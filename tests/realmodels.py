@@ -569,7 +569,7 @@ def compiled_state_dict(model: nn.Module) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- timm "original" ViT
-def timm_original_vit_model() -> nn.Module:
+def timm_original_vit_model(seed: int = SEED) -> nn.Module:
     """Tiny timm CLIP-style ViT (seeded, eval) matching :func:`timm_original_vit_checkpoint`.
 
     ``timm.create_model('vit_base_patch16_clip_224', pretrained=False, ...)`` shrunk to
@@ -586,6 +586,7 @@ def timm_original_vit_model() -> nn.Module:
         depth=2,
         num_heads=2,
         num_classes=16,
+        seed=seed,
     )
     with torch.no_grad():
         model.head.bias.zero_()

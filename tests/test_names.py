@@ -14,11 +14,6 @@ from torchgraft.names import map_names
 WRAPPERS = ["module.", "_orig_mod.", "model.", "backbone.", "net.", "encoder.", "student."]
 
 
-@pytest.fixture(scope="module")
-def real_shapes() -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in rm.timm_model("resnet18").state_dict().items()}
-
-
 _shapes_cache: dict[str, tuple[int, ...]] = {}
 
 
@@ -27,6 +22,11 @@ def _resnet_shapes() -> dict[str, tuple[int, ...]]:
         model = rm.timm_model("resnet18")
         _shapes_cache.update({k: tuple(v.shape) for k, v in model.state_dict().items()})
     return _shapes_cache
+
+
+@pytest.fixture(scope="module")
+def real_shapes() -> dict[str, tuple[int, ...]]:
+    return dict(_resnet_shapes())
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -185,16 +185,7 @@ def test_timm_original_vit_checkpoint():
     assert not any(k.startswith(("blocks.", "patch_embed.", "cls_token")) for k in d)
 
     ref = rm.timm_original_vit_model()
-    model = rm.timm_model(
-        "vit_base_patch16_clip_224",
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        num_classes=16,
-        seed=123,
-    )
+    model = rm.timm_original_vit_model(seed=123)
     assert not _same(model.state_dict(), ref.state_dict())
     converted = checkpoint_filter_fn(d, model)
     model.load_state_dict(converted, strict=True)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import CorruptCheckpointError
-from ..tensors import FileHandle, FileRef, MemoryRef, TensorRef
+from ..tensors import FileHandle, FileRef, MemoryRef, TensorRef, contiguous_strides
 from .base import Checkpoint, Format
 from .torch_zip import _data_offsets, first_member_name
 from .unpickler import restricted_loads
@@ -116,7 +116,7 @@ class NpzFormat(Format):
                 if info.compress_type == zipfile.ZIP_STORED and dtype.isnative:
                     stride = None
                     if fortran:
-                        stride = tuple(reversed(_strides(tuple(reversed(shape)))))
+                        stride = tuple(reversed(contiguous_strides(tuple(reversed(shape)))))
                     ref: TensorRef = FileRef(fh, offsets[info.filename] + header_len, tdtype,
                                              tuple(shape), stride)
                     if ref.byte_range()[1] > fh.size:
@@ -125,12 +125,6 @@ class NpzFormat(Format):
                 else:
                     root[name] = _NpyMemberRef(path, info.filename, tdtype, tuple(shape))
         return Checkpoint(root=root, format=self.name, path=path, placeholders=placeholders)
-
-
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    from ..tensors import contiguous_strides
-
-    return contiguous_strides(shape)
 
 
 class PickleFormat(Format):

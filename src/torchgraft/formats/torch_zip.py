@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CorruptCheckpointError, UnsupportedFormatError
+from ..errors import CorruptCheckpointError, TorchgraftError, UnsupportedFormatError
 from ..tensors import FileHandle, FileRef
 from .base import Checkpoint, Format
 from .unpickler import StorageRef, StorageType, restricted_loads
+from .zip_index import Members, read_central_directory
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 
@@ -42,28 +44,58 @@ def first_member_name(head: bytes) -> str | None:
     return head[30:30 + name_len].decode("utf-8", "replace")
 
 
-def _data_offsets(fh: FileHandle, infos: list[zipfile.ZipInfo]) -> dict[str, int]:
+def _data_offsets(fh: FileHandle, members: Members, names: list[str]) -> dict[str, int]:
     """Byte offset of each member's data (after its local header), reading headers in windows.
 
     Small records sit close together, so one 16 KiB read usually covers many local headers.
     """
     offsets: dict[str, int] = {}
-    win_start, window = -1, b""
-    for info in sorted(infos, key=lambda i: i.header_offset):
-        start = info.header_offset
-        if start + _LOCAL_HEADER.size > fh.size:
-            raise CorruptCheckpointError(f"{fh.path.name}: zip member {info.filename} lies past the end")
-        need = _LOCAL_HEADER.size + len(info.orig_filename.encode()) + 64
-        if not (win_start <= start and start + need <= win_start + len(window)):
+    win_start, win_end, window = -1, -1, b""
+    unpack, size = _LOCAL_HEADER.unpack_from, fh.size
+    for start, name in sorted((members[n][0], n) for n in names):
+        if start + 30 > size:
+            raise CorruptCheckpointError(f"{fh.path.name}: zip member {name} lies past the end")
+        if not (win_start <= start and start + 30 + 4 * len(name) + 64 <= win_end):
             win_start = start
-            window = fh.pread(start, min(max(_WINDOW, need), fh.size - start))
+            window = fh.pread(start, min(max(_WINDOW, 30 + 4 * len(name) + 64), size - start))
+            win_end = start + len(window)
         rel = start - win_start
-        fields = _LOCAL_HEADER.unpack_from(window, rel) if rel + 30 <= len(window) else None
+        fields = unpack(window, rel) if rel + 30 <= len(window) else None
         if fields is None or fields[0] != b"PK\x03\x04":
-            raise CorruptCheckpointError(f"{fh.path.name}: bad zip local header for {info.filename}")
-        name_len, extra_len = fields[9], fields[10]
-        offsets[info.filename] = start + _LOCAL_HEADER.size + name_len + extra_len
+            raise CorruptCheckpointError(f"{fh.path.name}: bad zip local header for {name}")
+        offsets[name] = start + 30 + fields[9] + fields[10]
     return offsets
+
+
+def _zipfile_members(path: Path) -> Members:
+    """The member table through ``zipfile``, for archives ``read_central_directory`` declines."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC)
+                    for i in zf.infolist()}
+    except Exception as err:  # zipfile raises many types on garbage
+        raise CorruptCheckpointError(
+            f"{path.name}: not a readable zip archive ({err}); the file is probably truncated "
+            "or corrupt - download it again"
+        ) from None
+
+
+def _read_member(fh: FileHandle, members: Members, name: str) -> bytes:
+    """A small member's bytes, CRC-checked; compressed ones go through ``zipfile``."""
+    offset, size, method, crc = members[name]
+    try:
+        if method != zipfile.ZIP_STORED:
+            with zipfile.ZipFile(fh.path) as zf:
+                return zf.read(name)
+        data = fh.pread(_data_offsets(fh, members, [name])[name], size)
+    except TorchgraftError:
+        raise
+    except Exception as err:  # zipfile raises many types on garbage
+        raise CorruptCheckpointError(f"{fh.path.name}: cannot read {name}: {err}") from None
+    if zlib.crc32(data) != crc:
+        raise CorruptCheckpointError(
+            f"{fh.path.name}: {name} fails its CRC check; the file is corrupt - download it again")
+    return data
 
 
 class _ZipStorage(StorageRef):
@@ -97,66 +129,50 @@ class TorchZipFormat(Format):
 
     def open(self, path: Path, trust: bool = False) -> Checkpoint:
         fh = FileHandle(path)
-        try:
-            zf = zipfile.ZipFile(path)
-        except Exception as err:  # zipfile raises many types on garbage
-            raise CorruptCheckpointError(
-                f"{path.name}: not a readable zip archive ({err}); the file is probably truncated "
-                "or corrupt - download it again"
-            ) from None
-        with zf:
-            infos = {}
-            for info in zf.infolist():
-                if ".." in info.filename.split("/") or info.filename.startswith("/"):
-                    raise CorruptCheckpointError(
-                        f"{path.name}: zip member name {info.filename!r} escapes the archive"
-                    )
-                infos[info.filename] = info
-            pkl_names = [n for n in infos if n.endswith("/data.pkl") or n == "data.pkl"]
-            if not pkl_names:
-                raise UnsupportedFormatError(
-                    f"{path.name}: a zip archive but not a torch checkpoint (no data.pkl); "
-                    f"members: {', '.join(list(infos)[:5])}"
-                )
-            pkl_name = sorted(pkl_names, key=len)[0]
-            prefix = pkl_name[: -len("data.pkl")]
-            byteorder = infos.get(prefix + "byteorder")
-            try:
-                if byteorder is not None and zf.read(byteorder).strip() not in (b"little", b""):
-                    raise UnsupportedFormatError(
-                        f"{path.name}: big-endian checkpoints are not supported")
-                data = zf.read(pkl_name)
-            except UnsupportedFormatError:
-                raise
-            except Exception as err:  # zipfile raises many types on garbage
-                raise CorruptCheckpointError(f"{path.name}: cannot read {pkl_name}: {err}") from None
+        members = read_central_directory(fh.fileno(), fh.size) or _zipfile_members(path)
+        for name in members:
+            if name.startswith("/") or (".." in name and ".." in name.split("/")):
+                raise CorruptCheckpointError(
+                    f"{path.name}: zip member name {name!r} escapes the archive")
+        pkl_names = [n for n in members if n.endswith("/data.pkl") or n == "data.pkl"]
+        if not pkl_names:
+            raise UnsupportedFormatError(
+                f"{path.name}: a zip archive but not a torch checkpoint (no data.pkl); "
+                f"members: {', '.join(list(members)[:5])}"
+            )
+        pkl_name = sorted(pkl_names, key=len)[0]
+        prefix = pkl_name[: -len("data.pkl")]
+        if prefix + "byteorder" in members:
+            if _read_member(fh, members, prefix + "byteorder").strip() not in (b"little", b""):
+                raise UnsupportedFormatError(f"{path.name}: big-endian checkpoints are not supported")
+        data = _read_member(fh, members, pkl_name)
 
         storages: dict[str, StorageRef] = {}
         path_str = str(path)
-        data_infos = [i for n, i in infos.items() if n.startswith(prefix + "data/")]
-        offsets = _data_offsets(fh, data_infos)
+        data_prefix = prefix + "data/"
+        offsets = _data_offsets(fh, members, [n for n in members if n.startswith(data_prefix)])
 
         def persistent_load(pid: Any) -> StorageRef:
-            if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+            if type(pid) is not tuple or len(pid) < 5 or pid[0] != "storage":
                 raise CorruptCheckpointError(f"unknown persistent id {pid!r:.80}")
-            _, storage_type, key, _location, numel = pid[:5]
+            storage_type, key = pid[1], str(pid[2])
+            ref = storages.get(key)
+            if ref is not None:
+                return ref
             if not isinstance(storage_type, StorageType):
                 raise CorruptCheckpointError(f"unknown storage type {storage_type!r:.80}")
-            key = str(key)
-            if key in storages:
-                return storages[key]
-            info = infos.get(f"{prefix}data/{key}")
-            if info is None:
+            name = data_prefix + key
+            offset = offsets.get(name)
+            if offset is None:
                 raise CorruptCheckpointError(f"storage record data/{key} is missing")
-            if info.compress_type != zipfile.ZIP_STORED:
+            _, nbytes, method, _ = members[name]
+            if method != zipfile.ZIP_STORED:
                 raise UnsupportedFormatError(f"storage data/{key} is compressed")
-            offset = offsets[info.filename]
-            if offset + info.file_size > fh.size:
+            if offset + nbytes > fh.size:
                 raise CorruptCheckpointError(f"storage data/{key} runs past the end of the file")
             dtype = storage_type.dtype
-            numel = info.file_size // dtype.itemsize if dtype != torch.uint8 else info.file_size
-            ref = _ZipStorage(dtype, numel, fh, offset, info.file_size, (path_str, key))
-            storages[key] = ref
+            ref = storages[key] = _ZipStorage(dtype, nbytes // dtype.itemsize, fh, offset, nbytes,
+                                              (path_str, key))
             return ref
 
         root, placeholders = restricted_loads(data, persistent_load, what=path.name)

@@ -51,6 +51,32 @@ def is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
+_LAYOUTS: dict[tuple, tuple[int, bool, int]] = {}
+
+
+def layout(shape: tuple[int, ...], stride: tuple[int, ...] | None) -> tuple[int, bool, int]:
+    """``(numel, contiguous, span)`` of a view; ``span`` counts the storage elements it touches.
+
+    Checkpoints repeat a few shapes many times, so results are memoised (bounded).
+    """
+    key = (shape, stride)
+    got = _LAYOUTS.get(key)
+    if got is None:
+        numel = math.prod(shape)
+        contiguous = stride is None or is_contiguous(shape, stride)
+        if numel == 0:
+            span = 0
+        elif contiguous:
+            span = numel
+        else:
+            span = 1 + sum((d - 1) * s for d, s in zip(shape, stride))
+        got = (numel, contiguous, span)
+        if len(_LAYOUTS) >= 4096:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = got
+    return got
+
+
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """A writable memoryview over a contiguous CPU tensor's bytes (no copy).
 
@@ -197,18 +223,11 @@ class FileRef(TensorRef):
         self.file = file
         self.offset = offset
         self.dtype = dtype
-        self.shape = tuple(shape)
-        self._stride = tuple(stride) if stride is not None else None
+        self.shape = shape = shape if type(shape) is tuple else tuple(shape)
+        self._stride = stride = stride if stride is None or type(stride) is tuple else tuple(stride)
         self.elem_offset = elem_offset
         self.storage_key = storage_key if storage_key is not None else (id(file), offset)
-        self._numel = math.prod(self.shape)
-        self.contiguous = stride is None or is_contiguous(self.shape, self._stride)
-        if self._numel == 0:
-            self._span = 0
-        elif self.contiguous:
-            self._span = self._numel
-        else:
-            self._span = 1 + sum((d - 1) * s for d, s in zip(self.shape, self.stride))
+        self._numel, self.contiguous, self._span = layout(shape, stride)
 
     @property
     def numel(self) -> int:

@@ -109,7 +109,7 @@ class _ZipStorage(StorageRef):
     def make_tensor(self, storage: StorageRef, dt: torch.dtype, elem_offset: int,
                     shape: tuple[int, ...], stride: tuple[int, ...]) -> FileRef:
         ref = FileRef(self.fh, self.offset, dt, shape, stride, elem_offset, storage_key=self.key)
-        if ref.numel and (elem_offset + ref.span_elems()) * dt.itemsize > self.nbytes:
+        if ref._span and (elem_offset + ref._span) * dt.itemsize > self.nbytes:
             raise CorruptCheckpointError(
                 f"tensor of shape {list(shape)} needs more bytes than storage {self.key[1]} holds")
         return ref

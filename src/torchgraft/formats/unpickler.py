@@ -131,16 +131,35 @@ def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
     raise CorruptCheckpointError(f"bad tensor {what}: {value!r:.80}")
 
 
+# (size, stride) pairs already validated -> the canonical pair of int tuples. A hit may return
+# ints for equal bools/floats/numpy ints, which denote the same layout.
+_CHECKED: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+
+def _checked_layout(size: Any, stride: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    try:
+        pair = _CHECKED.get((size, stride))
+    except TypeError:  # lists, or unhashable junk: validated below
+        pair = None
+    if pair is None:
+        shape = _as_int_tuple(size, "shape")
+        strides = _as_int_tuple(stride, "stride")
+        if len(shape) != len(strides):
+            raise CorruptCheckpointError(f"shape {shape} and stride {strides} differ in length")
+        pair = (shape, strides)
+        if len(_CHECKED) >= 4096:
+            _CHECKED.clear()
+        _CHECKED[pair] = pair
+    return pair
+
+
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any,
                     dtype: torch.dtype | None = None) -> TensorRef:
     if not isinstance(storage, StorageRef):
         raise CorruptCheckpointError(f"tensor data is not a storage: {storage!r}")
     if not isinstance(storage_offset, int) or storage_offset < 0:
         raise CorruptCheckpointError(f"bad storage offset {storage_offset!r}")
-    shape = _as_int_tuple(size, "shape")
-    strides = _as_int_tuple(stride, "stride")
-    if len(shape) != len(strides):
-        raise CorruptCheckpointError(f"shape {shape} and stride {strides} differ in length")
+    shape, strides = _checked_layout(size, stride)
     dt = dtype if isinstance(dtype, torch.dtype) else storage.dtype
     return storage.make_tensor(storage, dt, storage_offset, shape, strides)
 
@@ -311,13 +330,18 @@ def allowed_globals() -> dict[str, Any]:
     return _ALLOWED
 
 
+def _no_external_data(pid: Any) -> Any:
+    raise CorruptCheckpointError("pickle refers to external data (persistent id)")
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` whose ``find_class`` never imports: allowlist or placeholder."""
 
     def __init__(self, file: io.BufferedIOBase, persistent_load: Callable[[Any], Any] | None = None):
         super().__init__(file, encoding="utf-8")
         self.placeholders: list[str] = []
-        self._persistent = persistent_load
+        # stored in the C unpickler's own slot (no Python method in between)
+        self.persistent_load = persistent_load or _no_external_data
 
     def find_class(self, module: str, name: str) -> Any:
         qualname = f"{module}.{name}"
@@ -328,10 +352,6 @@ class RestrictedUnpickler(pickle.Unpickler):
             self.placeholders.append(qualname)
         return make_placeholder(qualname)
 
-    def persistent_load(self, pid: Any) -> Any:
-        if self._persistent is None:
-            raise CorruptCheckpointError("pickle refers to external data (persistent id)")
-        return self._persistent(pid)
 
 
 def restricted_loads(

@@ -82,6 +82,7 @@ LOADERS = (
     "transformers_from_pretrained",
     "torchgraft",
     "torchgraft_meta",
+    "torchgraft_plan",
 )
 NOTES = (
     "time: wall time of the load call, median (and min) over fresh processes; GB/s = checkpoint "
@@ -94,6 +95,7 @@ NOTES = (
     "torchgraft_meta and transformers_from_pretrained build or materialise the model inside "
     "the timed call, so their time and peak include the model itself (~100% of the "
     "checkpoint).",
+    "torchgraft_plan: tg.plan only (read, select, map, plan and the report; no copying).",
     "hf folder: one-file peers load the shards one by one (load_state_dict(strict=False)).",
     "x tg: peer / torchgraft, > 1 means torchgraft is faster or uses less memory; a peak "
     "under 1 MB counts as 1 MB ('>N': lower bound).",
@@ -372,6 +374,10 @@ def _load(loader: str, spec: dict[str, Any], mods: dict[str, Any], model: Any) -
         mods["torchgraft"].load(model, path)
     elif loader == "torchgraft_meta":  # torchgraft materialises meta tensors on the CPU
         mods["torchgraft"].load(model, path)
+    elif loader == "torchgraft_plan":  # planning alone: nothing is copied
+        report = mods["torchgraft"].plan(model, path)
+        if not report.ok:
+            raise AssertionError(f"plan failed: {report.error}")
     else:
         raise ValueError(f"unknown loader {loader}")
     return model
@@ -512,7 +518,7 @@ def child_main(spec_path: str, result_path: str) -> int:
             if cuda:
                 res["gpu_peak_above_baseline_bytes"] = torch.cuda.max_memory_allocated() - gbase
             res["phase"] = "verify"
-            ok, why, left = _verify(model, spec)
+            ok, why, left = (True, "", 0) if loader == "torchgraft_plan" else _verify(model, spec)
             res["verified"] = ok
             res["meta_tensors_left"] = left
             if not ok:
@@ -736,7 +742,7 @@ def machine_info(probe: dict[str, Any]) -> dict[str, Any]:
 def applicable(loader: str, model: str, fmt: str, device: str) -> bool:
     if loader == "h2d_copy":
         return device == "cuda"
-    if loader == "torchgraft_meta":  # meta tensors are materialised on the CPU
+    if loader in ("torchgraft_meta", "torchgraft_plan"):  # meta: materialised on the CPU
         return device == "cpu"
     if loader == "safetensors_load_model":
         return fmt in ("safetensors", "hf")
@@ -830,6 +836,8 @@ def format_case(case: dict[str, Any]) -> str:
             note = "physical reference" if name in PHYSICAL else ""
             if name in ("torchgraft_meta", "transformers_from_pretrained"):
                 note = "includes building the model"
+            if name == "torchgraft_plan":
+                note = "planning only, no copy"
             if not s.get("hwm_reset_ok", True):
                 note += " (VmHWM reset failed)"
             if s.get("max_rss_file_drop_bytes", 0) > 0.1 * case["ckpt_bytes"] + 16 * MB:

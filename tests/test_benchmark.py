@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_load.py"
 FORMATS = ("pth", "safetensors", "hf")
 PEERS = ("torch_load", "torch_load_mmap", "timm_load_checkpoint", "mmengine_load_checkpoint")
-TG = ("torchgraft", "torchgraft_meta")
+TG = ("torchgraft", "torchgraft_meta", "torchgraft_plan")
 
 
 @pytest.fixture(scope="module")

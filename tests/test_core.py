@@ -350,6 +350,21 @@ def test_meta_model_is_materialised(tmp_path):
     assert torch.allclose(model.eval()(x), src.eval()(x))
 
 
+def test_meta_model_from_a_file_that_needs_casting(tmp_path):
+    """Meta slots that cannot be read byte-for-byte (fp16 file, fp32 model) are cast on the way."""
+    src = rm.timm_model("resnet18")
+    half = {k: v.half() if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    save_file(half, tmp_path / "r16.safetensors")
+    with torch.device("meta"):
+        model = rm.timm_model("resnet18")
+    report = tg.load(model, tmp_path / "r16.safetensors")
+    assert report.counts["cast"] > 0 and report.loaded_fraction == 1.0
+    for k, v in model.state_dict().items():
+        assert not v.is_meta and v.dtype == src.state_dict()[k].dtype
+        assert torch.equal(v, half[k].to(v.dtype))
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+
+
 def test_tied_weights_stored_once(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -33,18 +33,10 @@ from .plan import Copy
 from .staged import copy_staged, stageable
 from .tensors import FileRef, byte_view
 
-PARALLEL_MIN_BYTES = 4 * 1024 * 1024
 CHUNK_BYTES = 16 * 1024 * 1024
 SMALL_BYTES = 256 * 1024  # tensors below this are read in batches
 BATCH_BYTES = 8 * 1024 * 1024
 BATCH_GAP = 64 * 1024
-
-
-def _order(copy: Copy) -> tuple:
-    ref = copy.ref
-    if isinstance(ref, FileRef):
-        return (0, str(ref.file.path), ref.offset + ref.elem_offset * ref.dtype.itemsize)
-    return (1, "", 0)
 
 
 def _locate(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str, bool]:
@@ -53,11 +45,14 @@ def _locate(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str, bo
     return module, attr, attr in module._parameters
 
 
-def _materialize_meta(model: torch.nn.Module, copy: Copy) -> None:
-    """Fill a meta-device slot: build a real tensor and set it on every tied name."""
+def _fresh(template: torch.Tensor) -> torch.Tensor:
+    """An uninitialised CPU tensor to replace a meta-device one."""
+    return torch.empty(tuple(template.shape), dtype=template.dtype, device="cpu")
+
+
+def _install(model: torch.nn.Module, copy: Copy, new: torch.Tensor) -> None:
+    """Set a filled tensor on every (tied) name of a meta-device slot."""
     template = copy.slots[0].tensor
-    new = torch.empty(tuple(template.shape), dtype=template.dtype, device="cpu")
-    copy.ref.read_into(new)
     param = None
     for slot in copy.slots:
         module, attr, is_param = _locate(model, slot.name)
@@ -69,12 +64,89 @@ def _materialize_meta(model: torch.nn.Module, copy: Copy) -> None:
             module._buffers[attr] = new
 
 
+def _materialize_meta(model: torch.nn.Module, copy: Copy) -> None:
+    """Fill a meta-device slot: build a real tensor and set it on every tied name."""
+    new = _fresh(copy.slots[0].tensor)
+    copy.ref.read_into(new)
+    _install(model, copy, new)
+
+
 def _copy_one(model: torch.nn.Module, copy: Copy) -> None:
     target = copy.slots[0].tensor
     if target.device.type == "meta":
         _materialize_meta(model, copy)
     else:
         copy.ref.read_into(target.detach())
+
+
+class _Work:
+    """The copies of a plan sorted into how each is carried out, in file order.
+
+    Meta-device targets that can be read byte-for-byte get a fresh CPU tensor here (``fresh``),
+    are read like CPU targets, and are installed in the model once filled.
+    """
+
+    def __init__(self, copies: list[Copy], workers: int) -> None:
+        self.staged: list[Copy] = []  # accelerator targets: pinned buffers, transfers in flight
+        self.big: list[Copy] = []  # other CPU reads, run in threads (large ones sliced)
+        self.small: list[tuple[str, int, int, int, Copy]] = []  # (path, start, end, ptr, copy)
+        self.other: list[tuple[tuple, Copy]] = []  # everything else: read, then copy_
+        self.fresh: dict[int, torch.Tensor] = {}  # id(copy) -> new tensor for a meta target
+        self.threaded = threaded = workers > 1 and sys.platform != "win32"
+        paths: dict[int, str] = {}
+        for copy in copies:
+            ref, target = copy.ref, copy.slots[0].tensor
+            if not isinstance(ref, FileRef):
+                self.other.append(((1, "", 0), copy))
+                continue
+            fh = ref.file
+            path = paths.get(id(fh))
+            if path is None:
+                path = paths[id(fh)] = str(fh.path)
+            start, end = ref.byte_range()
+            device = target.device.type
+            if device == "meta" and ref.contiguous and target.dtype == ref.dtype and end > start:
+                target = self.fresh[id(copy)] = _fresh(target)
+                device = "cpu"
+            if device == "cpu":
+                if (ref.contiguous and 0 < end - start <= SMALL_BYTES and target.dtype == ref.dtype
+                        and target.is_contiguous()):
+                    self.small.append((path, start, end, target.data_ptr(), copy))
+                    continue
+                if threaded:  # read in the pool (preadv releases the GIL), sliced if large
+                    self.big.append(copy)
+                    continue
+            elif stageable(ref, target):
+                self.staged.append(copy)
+                continue
+            self.other.append(((0, path, start), copy))
+        self.big.sort(key=lambda c: (str(c.ref.file.path), c.ref.byte_range()[0]))
+        self.small.sort(key=lambda t: (t[0], t[1]))
+        self.other.sort(key=lambda t: t[0])
+
+    def target(self, copy: Copy) -> torch.Tensor:
+        """The tensor a copy's bytes go into: the slot's own, or the fresh one of a meta slot."""
+        new = self.fresh.get(id(copy)) if self.fresh else None
+        return copy.slots[0].tensor if new is None else new
+
+    def batches(self) -> list[list[tuple[str, int, int, int, Copy]]]:
+        """Runs of small tensors that lie close together in one file, one read each."""
+        out: list[list[tuple[str, int, int, int, Copy]]] = []
+        batch: list[tuple[str, int, int, int, Copy]] = []
+        path, first, last = "", 0, 0
+        for item in self.small:
+            b, e = item[1], item[2]
+            if batch and item[0] == path and b - last <= BATCH_GAP and e - first <= BATCH_BYTES:
+                batch.append(item)
+                if e > last:
+                    last = e
+                continue
+            if batch:
+                out.append(batch)
+            batch, path, first, last = [item], item[0], b, e
+        if batch:
+            out.append(batch)
+        return out
 
 
 def apply_copies(
@@ -84,66 +156,74 @@ def apply_copies(
     threads: int | None = None,
 ) -> list[str]:
     """Write every planned copy into ``model``; returns the names written."""
-    written: list[str] = []
+    done: list[Copy] = []
     lock = threading.Lock()
+
+    workers = threads if threads is not None else min(4, os.cpu_count() or 1)
+    work = _Work(copies, workers)
+
+    def finished(copy: Copy) -> None:
+        if work.fresh and id(copy) in work.fresh:
+            _install(model, copy, work.fresh[id(copy)])
+        done.append(copy)
+        if progress:
+            progress(copy.ref.nbytes)
 
     def run(copy: Copy) -> None:
         with torch.no_grad():
-            _copy_one(model, copy)
-        with lock:
-            written.extend(s.name for s in copy.slots)
-            if progress:
-                progress(copy.ref.nbytes)
-
-    def run_batch(batch: list[Copy]) -> None:
-        _copy_batch(batch)
-        for copy in batch:
-            written.extend(s.name for s in copy.slots)
-            if progress:
-                progress(copy.ref.nbytes)
-
-    ordered = sorted(copies, key=_order)
-    staged = [c for c in ordered if stageable(c.ref, c.slots[0].tensor)]
-    if staged:
-        ordered = [c for c in ordered if not stageable(c.ref, c.slots[0].tensor)]
-    workers = threads if threads is not None else min(4, os.cpu_count() or 1)
-    big = [c for c in ordered if _parallel_ok(c)] if workers > 1 else []
-    rest = [c for c in ordered if not _parallel_ok(c)] if big else ordered
-    try:
-        if staged:  # accelerator targets: pinned buffers, many transfers in flight
-            copy_staged([(c.ref, c.slots[0].tensor) for c in staged])
-            for copy in staged:
-                written.extend(s.name for s in copy.slots)
-                if progress:
-                    progress(copy.ref.nbytes)
-        if big:
-            with ThreadPoolExecutor(workers) as pool:
-                tasks = [t for c in big for t in _chunks(c)]
-                left = {id(c): 0 for c in big}
-                for c, _, _ in tasks:
-                    left[id(c)] += 1
-
-                def run_task(task: tuple[Copy, int, int]) -> None:
-                    copy, start, n = task
-                    if n == 0:
-                        run(copy)
-                        return
-                    _read_chunk(copy, start, n)
-                    with lock:
-                        left[id(copy)] -= 1
-                        done = left[id(copy)] == 0
-                        if done:
-                            written.extend(s.name for s in copy.slots)
-                            if progress:
-                                progress(copy.ref.nbytes)
-
-                list(pool.map(run_task, tasks))
-        for item in _batches(rest):
-            if isinstance(item, list):
-                run_batch(item)
+            if work.fresh and id(copy) in work.fresh:
+                copy.ref.read_into(work.fresh[id(copy)])
             else:
-                run(item)
+                _copy_one(model, copy)
+        with lock:
+            finished(copy)
+
+    def run_batch(batch: list[tuple[str, int, int, int, Copy]]) -> None:
+        _copy_batch(batch)
+        with lock:
+            if work.fresh:
+                for item in batch:
+                    finished(item[4])
+                return
+            done.extend(item[4] for item in batch)
+            if progress:
+                progress(sum(item[2] - item[1] for item in batch))
+
+    try:
+        if work.staged:
+            copy_staged([(c.ref, c.slots[0].tensor) for c in work.staged])
+            for copy in work.staged:
+                finished(copy)
+        batches = work.batches()
+        if work.big:
+            tasks = [t for c in work.big for t in _chunks(c, work.target(c))]
+            left = {id(c): 0 for c in work.big}
+            for c, _, _ in tasks:
+                left[id(c)] += 1
+
+            def run_task(task: tuple[Copy, int, int]) -> None:
+                copy, start, n = task
+                if n == 0:
+                    run(copy)
+                    return
+                _read_chunk(copy, work.target(copy), start, n)
+                with lock:
+                    left[id(copy)] -= 1
+                    if left[id(copy)] == 0:
+                        finished(copy)
+
+            with ThreadPoolExecutor(workers) as pool:
+                results = pool.map(run_task, tasks)  # all submitted now
+                for batch in batches:  # small runs on this thread meanwhile (GIL-bound)
+                    run_batch(batch)
+                list(results)
+        else:
+            for batch in batches:
+                run_batch(batch)
+        for _, copy in work.other:
+            run(copy)
     except BaseException as err:
+        written = [s.name for c in done for s in c.slots]
         if not written:
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -156,61 +236,26 @@ def apply_copies(
             f"loaded: {len(written)} of {sum(len(c.slots) for c in copies)} tensors already hold "
             f"checkpoint values ({shown}); the rest keep their old values. Reload the model "
             "before using it.", written) from err
-    return written
+    return [s.name for c in done for s in c.slots]
 
 
-def _batchable(copy: Copy) -> bool:
-    """A small contiguous file tensor going byte-for-byte into contiguous CPU memory."""
-    ref, target = copy.ref, copy.slots[0].tensor
-    return (isinstance(ref, FileRef) and ref.contiguous and 0 < ref.nbytes <= SMALL_BYTES
-            and target.device.type == "cpu" and target.dtype == ref.dtype
-            and target.is_contiguous())
-
-
-def _batches(copies: list[Copy]) -> list[Copy | list[Copy]]:
-    """Group runs of small tensors that lie close together in one file."""
-    out: list[Copy | list[Copy]] = []
-    batch: list[Copy] = []
-    start = end = 0
-    for copy in copies:
-        if not _batchable(copy):
-            out.append(copy)
-            continue
-        ref = copy.ref
-        b, e = ref.byte_range()
-        if batch and (ref.file is batch[0].ref.file and start <= b and b - end <= BATCH_GAP
-                      and e - start <= BATCH_BYTES):
-            batch.append(copy)
-            end = max(end, e)
-            continue
-        if batch:
-            out.append(batch)
-        batch, start, end = [copy], b, e
-    if batch:
-        out.append(batch)
-    return out
-
-
-def _copy_batch(batch: list[Copy]) -> None:
+def _copy_batch(batch: list[tuple[str, int, int, int, Copy]]) -> None:
     """One ``preadv`` for the whole run, then a ``memmove`` into each parameter."""
-    fh = batch[0].ref.file
-    start = batch[0].ref.byte_range()[0]
-    end = max(c.ref.byte_range()[1] for c in batch)
+    fh = batch[0][4].ref.file
+    start = batch[0][1]
+    end = max(item[2] for item in batch)
     buf = bytearray(end - start)
     fh.pread_into(memoryview(buf), start)
-    base = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
-    for copy in batch:
-        b, e = copy.ref.byte_range()
-        ctypes.memmove(copy.slots[0].tensor.data_ptr(), base + (b - start), e - b)
+    base = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)) - start
+    memmove = ctypes.memmove
+    for _, b, e, ptr, _ in batch:
+        memmove(ptr, base + b, e - b)
 
 
-CHUNK_BYTES = 16 * 1024 * 1024
-
-
-def _chunks(copy: Copy) -> list[tuple[Copy, int, int]]:
+def _chunks(copy: Copy, target: torch.Tensor) -> list[tuple[Copy, int, int]]:
     """Slices of a large byte-for-byte read, so that one huge tensor keeps every thread busy;
     ``(copy, 0, 0)`` stands for the whole copy when it cannot be sliced."""
-    ref, target = copy.ref, copy.slots[0].tensor
+    ref = copy.ref
     direct = (ref.contiguous and target.dtype == ref.dtype and target.is_contiguous()
               and target.device.type == "cpu")
     if not direct or ref.nbytes <= CHUNK_BYTES:
@@ -218,13 +263,6 @@ def _chunks(copy: Copy) -> list[tuple[Copy, int, int]]:
     return [(copy, s, min(CHUNK_BYTES, ref.nbytes - s)) for s in range(0, ref.nbytes, CHUNK_BYTES)]
 
 
-def _read_chunk(copy: Copy, start: int, n: int) -> None:
-    view = byte_view(copy.slots[0].tensor)[start:start + n]
+def _read_chunk(copy: Copy, target: torch.Tensor, start: int, n: int) -> None:
+    view = byte_view(target)[start:start + n]
     copy.ref.file.pread_into(view, copy.ref.byte_range()[0] + start)
-
-
-def _parallel_ok(copy: Copy) -> bool:
-    """Large file reads into CPU memory run in threads (``preadv`` releases the GIL)."""
-    target = copy.slots[0].tensor
-    return (isinstance(copy.ref, FileRef) and copy.ref.nbytes >= PARALLEL_MIN_BYTES
-            and target.device.type == "cpu" and sys.platform != "win32")

@@ -206,6 +206,10 @@ def _prefix_candidates(names: list[str]) -> list[str]:
 
 def _apply_auto(names: dict[str, str], src: Mapping[str, Shape],
                 model: Mapping[str, Shape], out: NameMap) -> dict[str, str]:
+    get = model.get
+    matched = {cur for s, cur in names.items() if get(cur) == src[s]}
+    if len(matched) == len(model) or len(matched) == len(names):
+        return names  # every model name, or every (distinct) checkpoint name, already fits
     current = {(cur, src[s]) for s, cur in names.items()}
     model_set = {(n, shp) for n, shp in model.items()}
     base = len(current & model_set)

@@ -37,7 +37,7 @@ class _DefaultMismatch(str):
 DEFAULT_MISMATCH = _DefaultMismatch("error")
 
 
-@dataclass
+@dataclass(slots=True)
 class Slot:
     """A model tensor that can be filled: the state-dict name and the live tensor object."""
 
@@ -48,7 +48,7 @@ class Slot:
     dtype: torch.dtype = torch.float32
 
 
-@dataclass
+@dataclass(slots=True)
 class Copy:
     """One planned write: ``ref`` into every slot of ``slots`` (tied names share it)."""
 
@@ -69,9 +69,13 @@ def model_slots(model: torch.nn.Module) -> dict[str, Slot]:
     """The model's persistent state, as ``model.state_dict()`` names it, with tie groups."""
     slots: dict[str, Slot] = {}
     groups: dict[int, int] = {}
+    tensor = torch.Tensor
     for name, value in model.state_dict(keep_vars=True).items():
-        if isinstance(value, torch.Tensor):
-            gid = groups.setdefault(id(value), len(groups))
+        if isinstance(value, tensor):
+            key = id(value)
+            gid = groups.get(key)
+            if gid is None:
+                gid = groups[key] = len(groups)
             slots[name] = Slot(name, value, gid, tuple(value.shape), value.dtype)
     return slots
 
@@ -147,12 +151,14 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
             entries.append(Entry(name, src, "skipped", ref.shape, tshape, _dtype(ref.dtype),
                                  _dtype(tdtype), reason))
             continue
-        if ref.dtype == tdtype:
+        rdtype = ref.dtype
+        if rdtype == tdtype:
+            sname = tname = _dtype(rdtype)
             action, reason = "copied", why
         else:
-            action, reason = "cast", _join(f"{_dtype(ref.dtype)} -> {_dtype(tdtype)}", why)
-        entries.append(Entry(name, src, action, ref.shape, tshape, _dtype(ref.dtype),
-                             _dtype(tdtype), reason))
+            sname, tname = _dtype(rdtype), _dtype(tdtype)
+            action, reason = "cast", _join(f"{sname} -> {tname}", why)
+        entries.append(Entry(name, src, action, ref.shape, tshape, sname, tname, reason))
         copy = copies.get(slot.group)
         if copy is None:
             copies[slot.group] = Copy(ref, [slot], src)

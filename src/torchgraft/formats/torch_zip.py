@@ -101,6 +101,8 @@ def _read_member(fh: FileHandle, members: Members, name: str) -> bytes:
 class _ZipStorage(StorageRef):
     """A storage record of the archive: tensors built on it are views at its file offset."""
 
+    __slots__ = ("fh", "offset", "nbytes", "key")
+
     def __init__(self, dtype: torch.dtype, numel: int, fh: FileHandle, offset: int,
                  nbytes: int, key: tuple[str, str]) -> None:
         self.dtype, self.numel = dtype, numel

@@ -111,6 +111,8 @@ class StorageType:
 class StorageRef:
     """A storage the pickle refers to by persistent id; ``make_tensor`` builds views of it."""
 
+    __slots__ = ("dtype", "numel", "make_tensor")
+
     def __init__(self, dtype: torch.dtype, numel: int, make_tensor: Callable[..., TensorRef]):
         self.dtype = dtype
         self.numel = numel

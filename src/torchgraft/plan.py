@@ -69,6 +69,7 @@ def model_slots(model: torch.nn.Module) -> dict[str, Slot]:
     """The model's persistent state, as ``model.state_dict()`` names it, with tie groups."""
     slots: dict[str, Slot] = {}
     groups: dict[int, int] = {}
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one shared tuple per distinct shape
     tensor = torch.Tensor
     for name, value in model.state_dict(keep_vars=True).items():
         if isinstance(value, tensor):
@@ -76,7 +77,8 @@ def model_slots(model: torch.nn.Module) -> dict[str, Slot]:
             gid = groups.get(key)
             if gid is None:
                 gid = groups[key] = len(groups)
-            slots[name] = Slot(name, value, gid, tuple(value.shape), value.dtype)
+            shape = tuple(value.shape)
+            slots[name] = Slot(name, value, gid, shapes.setdefault(shape, shape), value.dtype)
     return slots
 
 

@@ -51,11 +51,13 @@ def is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
-_LAYOUTS: dict[tuple, tuple[int, bool, int]] = {}
+_LAYOUTS: dict[tuple, tuple[tuple[int, ...], int, bool, int]] = {}
 
 
-def layout(shape: tuple[int, ...], stride: tuple[int, ...] | None) -> tuple[int, bool, int]:
-    """``(numel, contiguous, span)`` of a view; ``span`` counts the storage elements it touches.
+def layout(shape: tuple[int, ...],
+           stride: tuple[int, ...] | None) -> tuple[tuple[int, ...], int, bool, int]:
+    """``(shape, numel, contiguous, span)`` of a view; ``span`` counts the storage elements it
+    touches, and the returned shape is an equal tuple shared by every view of that layout.
 
     Checkpoints repeat a few shapes many times, so results are memoised (bounded).
     """
@@ -70,7 +72,7 @@ def layout(shape: tuple[int, ...], stride: tuple[int, ...] | None) -> tuple[int,
             span = numel
         else:
             span = 1 + sum((d - 1) * s for d, s in zip(shape, stride))
-        got = (numel, contiguous, span)
+        got = (shape, numel, contiguous, span)
         if len(_LAYOUTS) >= 4096:
             _LAYOUTS.clear()
         _LAYOUTS[key] = got
@@ -223,11 +225,11 @@ class FileRef(TensorRef):
         self.file = file
         self.offset = offset
         self.dtype = dtype
-        self.shape = shape = shape if type(shape) is tuple else tuple(shape)
+        shape = shape if type(shape) is tuple else tuple(shape)
         self._stride = stride = stride if stride is None or type(stride) is tuple else tuple(stride)
         self.elem_offset = elem_offset
-        self.storage_key = storage_key if storage_key is not None else (id(file), offset)
-        self._numel, self.contiguous, self._span = layout(shape, stride)
+        self.storage_key = storage_key  # None: the storage starts at ``offset`` of ``file``
+        self.shape, self._numel, self.contiguous, self._span = layout(shape, stride)
 
     @property
     def numel(self) -> int:
@@ -240,7 +242,8 @@ class FileRef(TensorRef):
         return self._stride
 
     def alias_key(self) -> Hashable:
-        return ("file", self.storage_key, self.elem_offset, self.shape, self.stride, self.dtype)
+        key = self.storage_key if self.storage_key is not None else (id(self.file), self.offset)
+        return ("file", key, self.elem_offset, self.shape, self.stride, self.dtype)
 
     def span_elems(self) -> int:
         """Elements of storage this view touches, from ``elem_offset`` on."""

@@ -435,6 +435,18 @@ def test_partial_load_is_reported(tmp_path):
     assert err.value.written and "5.weight" not in err.value.written
 
 
+def test_progress_bar_on_request_and_off_by_default(tmp_path, capsys):
+    src = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    save_file(src.state_dict(), tmp_path / "m.safetensors")
+    tg.load(fresh(src), tmp_path / "m.safetensors")  # not a TTY under pytest: no bar
+    assert capsys.readouterr().err == ""
+    model = fresh(src)
+    tg.load(model, tmp_path / "m.safetensors", progress=True)
+    err = capsys.readouterr().err
+    assert "m.safetensors" in err and "GB/s" in err and err.endswith("\n")
+    assert_loaded(model, src.state_dict())
+
+
 def test_report_is_short_and_grouped(tmp_path):
     src = rm.timm_model("vit_tiny_patch16_224", num_classes=1000)
     dst = rm.timm_model("vit_tiny_patch16_224", num_classes=10)

@@ -252,8 +252,10 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
                                  trust, timm_filter)
         if error is not None:
             raise error
-        total = sum(c.ref.nbytes for c in p.copies)
-        bar = ProgressBar.maybe(total, progress, label=os.path.basename(report.source))
+        bar = None
+        if ProgressBar.wanted(progress):
+            total = sum(c.ref.nbytes for c in p.copies)
+            bar = ProgressBar.maybe(total, progress, label=os.path.basename(report.source))
         try:
             apply_copies(model, p.copies, progress=bar.update if bar else None)
         finally:

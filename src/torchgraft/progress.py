@@ -24,6 +24,11 @@ class ProgressBar:
         self.start = time.perf_counter()
         self._last = 0.0
 
+    @staticmethod
+    def wanted(progress: bool | None) -> bool:
+        """Whether a bar may be shown at all (so callers can skip sizing the load)."""
+        return progress is True or (progress is None and sys.stderr.isatty())
+
     @classmethod
     def maybe(cls, total: int, progress: bool | None, label: str = "",
               min_bytes: int = AUTO_MIN_BYTES) -> ProgressBar | None:

@@ -104,11 +104,11 @@ class _Work:
             if path is None:
                 path = paths[id(fh)] = str(fh.path)
             start, end = ref.byte_range()
-            device = target.device.type
-            if device == "meta" and ref.contiguous and target.dtype == ref.dtype and end > start:
+            on_cpu = target.is_cpu
+            if target.is_meta and ref.contiguous and target.dtype == ref.dtype and end > start:
                 target = self.fresh[id(copy)] = _fresh(target)
-                device = "cpu"
-            if device == "cpu":
+                on_cpu = True
+            if on_cpu:
                 if (ref.contiguous and 0 < end - start <= SMALL_BYTES and target.dtype == ref.dtype
                         and target.is_contiguous()):
                     self.small.append((path, start, end, target.data_ptr(), copy))

@@ -104,16 +104,16 @@ class _ZipStorage(StorageRef):
     __slots__ = ("fh", "offset", "nbytes", "key")
 
     def __init__(self, dtype: torch.dtype, numel: int, fh: FileHandle, offset: int,
-                 nbytes: int, key: tuple[str, str]) -> None:
+                 nbytes: int, key: str) -> None:
         self.dtype, self.numel = dtype, numel
         self.fh, self.offset, self.nbytes, self.key = fh, offset, nbytes, key
 
     def make_tensor(self, storage: StorageRef, dt: torch.dtype, elem_offset: int,
                     shape: tuple[int, ...], stride: tuple[int, ...]) -> FileRef:
-        ref = FileRef(self.fh, self.offset, dt, shape, stride, elem_offset, storage_key=self.key)
+        ref = FileRef(self.fh, self.offset, dt, shape, stride, elem_offset, self)
         if ref._span and (elem_offset + ref._span) * dt.itemsize > self.nbytes:
             raise CorruptCheckpointError(
-                f"tensor of shape {list(shape)} needs more bytes than storage {self.key[1]} holds")
+                f"tensor of shape {list(shape)} needs more bytes than storage {self.key} holds")
         return ref
 
 
@@ -150,7 +150,6 @@ class TorchZipFormat(Format):
         data = _read_member(fh, members, pkl_name)
 
         storages: dict[str, StorageRef] = {}
-        path_str = str(path)
         data_prefix = prefix + "data/"
         offsets = _data_offsets(fh, members, [n for n in members if n.startswith(data_prefix)])
 
@@ -174,7 +173,7 @@ class TorchZipFormat(Format):
                 raise CorruptCheckpointError(f"storage data/{key} runs past the end of the file")
             dtype = storage_type.dtype
             ref = storages[key] = _ZipStorage(dtype, nbytes // dtype.itemsize, fh, offset, nbytes,
-                                              (path_str, key))
+                                              key)
             return ref
 
         root, placeholders = restricted_loads(data, persistent_load, what=path.name)

@@ -157,18 +157,32 @@ def _checked_layout(size: Any, stride: Any) -> tuple[tuple[int, ...], tuple[int,
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any,
                     dtype: torch.dtype | None = None) -> TensorRef:
+    # called once per tensor: the common case (a layout seen before) is checked inline
+    try:
+        pair = _CHECKED.get((size, stride))
+    except TypeError:
+        pair = None
+    if pair is None or type(storage_offset) is not int or storage_offset < 0:
+        if not isinstance(storage_offset, int) or storage_offset < 0:
+            raise CorruptCheckpointError(f"bad storage offset {storage_offset!r}")
+        pair = _checked_layout(size, stride)
     if not isinstance(storage, StorageRef):
         raise CorruptCheckpointError(f"tensor data is not a storage: {storage!r}")
-    if not isinstance(storage_offset, int) or storage_offset < 0:
-        raise CorruptCheckpointError(f"bad storage offset {storage_offset!r}")
-    shape, strides = _checked_layout(size, stride)
-    dt = dtype if isinstance(dtype, torch.dtype) else storage.dtype
-    return storage.make_tensor(storage, dt, storage_offset, shape, strides)
+    dt = storage.dtype if dtype is None or not isinstance(dtype, torch.dtype) else dtype
+    return storage.make_tensor(storage, dt, storage_offset, pair[0], pair[1])
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
                        backward_hooks=None, metadata=None):
-    return _rebuild_tensor(storage, storage_offset, size, stride)
+    # what modern torch files call per tensor: _rebuild_tensor's fast path, one frame less
+    try:
+        pair = _CHECKED.get((size, stride))
+    except TypeError:
+        pair = None
+    if pair is None or type(storage_offset) is not int or storage_offset < 0 or not isinstance(
+            storage, StorageRef):
+        return _rebuild_tensor(storage, storage_offset, size, stride)
+    return storage.make_tensor(storage, storage.dtype, storage_offset, pair[0], pair[1])
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,

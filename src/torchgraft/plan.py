@@ -111,12 +111,14 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
             duplicates[src] = by_target[tgt]
         else:
             by_target[tgt] = src
-    # pass 1: which model name carries each tie group's data
+    # pass 1: which model name carries each tie group's data (only when some names are tied)
     group_source: dict[int, str] = {}
-    for name, slot in slots.items():
-        src = by_target.get(name)
-        if src is not None and slot.group not in group_source and refs[src].shape == slot.shape:
-            group_source[slot.group] = name
+    if len({slot.group for slot in slots.values()}) != len(slots):
+        for name, slot in slots.items():
+            src = by_target.get(name)
+            if (src is not None and slot.group not in group_source
+                    and refs[src].shape == slot.shape):
+                group_source[slot.group] = name
     # pass 2: one entry per model tensor, in the model's order
     copies: dict[int, Copy] = {}
     used: set[str] = set()
@@ -141,7 +143,7 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
             continue
         ref = refs[src]
         used.add(src)
-        why_list = why_of.get(src)
+        why_list = why_of.get(src) if why_of else None
         why = "; ".join(why_list) if why_list else ""
         if ref.shape != tshape:
             head = None

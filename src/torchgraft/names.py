@@ -76,25 +76,30 @@ def map_names(
         names = _apply_prefix(names, src, model, prefix, auto, out)
     if rename is not None:
         names = _apply_rename(names, rename, out)
+    fits = model is not None and _all_fit(names, src, model)
     fn = None
-    if framework_rename is not None and model is not None and not _all_fit(names, src, model):
+    if framework_rename is not None and model is not None and not fits:
         fn = framework_rename()
     if fn is not None:
         before = len(out.rules)
         renamed = _apply_rename(names, fn, out)
         if renamed == names:
             del out.rules[before:]
+        else:
+            fits = _all_fit(renamed, src, model)
         names = renamed
-    if auto and model is not None:
+    if auto and model is not None and not fits:
         names = _apply_auto(names, src, model, out)
     out.target = names
     return out
 
 
 def _all_fit(names: dict[str, str], src: Mapping[str, Shape], model: Mapping[str, Shape]) -> bool:
-    """Every checkpoint tensor, or every model tensor, already matches by name and shape."""
-    hits = sum(1 for s, cur in names.items() if model.get(cur) == src[s])
-    return hits == min(len(names), len(model))
+    """Every model tensor, or every (distinct) checkpoint name, already matches by name and
+    shape: no renaming can do better."""
+    get = model.get
+    matched = {cur for s, cur in names.items() if get(cur) == src[s]}
+    return len(matched) == len(model) or len(matched) == len(names)
 
 
 def _note(out: NameMap, src_name: str, text: str) -> None:
@@ -206,10 +211,6 @@ def _prefix_candidates(names: list[str]) -> list[str]:
 
 def _apply_auto(names: dict[str, str], src: Mapping[str, Shape],
                 model: Mapping[str, Shape], out: NameMap) -> dict[str, str]:
-    get = model.get
-    matched = {cur for s, cur in names.items() if get(cur) == src[s]}
-    if len(matched) == len(model) or len(matched) == len(names):
-        return names  # every model name, or every (distinct) checkpoint name, already fits
     current = {(cur, src[s]) for s, cur in names.items()}
     model_set = {(n, shp) for n, shp in model.items()}
     base = len(current & model_set)

@@ -94,9 +94,8 @@ class NpzFormat(Format):
             raise CorruptCheckpointError(f"{path.name}: not a readable npz archive ({err})") from None
         with zf:
             infos = [i for i in zf.infolist() if i.filename.endswith(".npy")]
-            stored = [i for i in infos if i.compress_type == zipfile.ZIP_STORED]
-            offsets = _data_offsets(fh, {i.filename: (i.header_offset, 0, 0, 0) for i in stored},
-                                    [i.filename for i in stored])
+            offsets = _data_offsets(fh, [(i.header_offset, i.filename) for i in infos
+                                         if i.compress_type == zipfile.ZIP_STORED])
             for info in infos:
                 name = info.filename[:-4]
                 try:

@@ -44,15 +44,17 @@ def first_member_name(head: bytes) -> str | None:
     return head[30:30 + name_len].decode("utf-8", "replace")
 
 
-def _data_offsets(fh: FileHandle, members: Members, names: list[str]) -> dict[str, int]:
+def _data_offsets(fh: FileHandle, headers: list[tuple[int, str]]) -> dict[str, int]:
     """Byte offset of each member's data (after its local header), reading headers in windows.
+
+    ``headers`` holds ``(local header offset, name)`` pairs from the central directory.
 
     Small records sit close together, so one 16 KiB read usually covers many local headers.
     """
     offsets: dict[str, int] = {}
     win_start, win_end, window = -1, -1, b""
     unpack, size = _LOCAL_HEADER.unpack_from, fh.size
-    for start, name in sorted((members[n][0], n) for n in names):
+    for start, name in sorted(headers):
         if start + 30 > size:
             raise CorruptCheckpointError(f"{fh.path.name}: zip member {name} lies past the end")
         if not (win_start <= start and start + 30 + 4 * len(name) + 64 <= win_end):
@@ -87,7 +89,7 @@ def _read_member(fh: FileHandle, members: Members, name: str) -> bytes:
         if method != zipfile.ZIP_STORED:
             with zipfile.ZipFile(fh.path) as zf:
                 return zf.read(name)
-        data = fh.pread(_data_offsets(fh, members, [name])[name], size)
+        data = fh.pread(_data_offsets(fh, [(offset, name)])[name], size)
     except TorchgraftError:
         raise
     except Exception as err:  # zipfile raises many types on garbage
@@ -151,7 +153,8 @@ class TorchZipFormat(Format):
 
         storages: dict[str, StorageRef] = {}
         data_prefix = prefix + "data/"
-        offsets = _data_offsets(fh, members, [n for n in members if n.startswith(data_prefix)])
+        offsets = _data_offsets(fh, [(m[0], n) for n, m in members.items()
+                                     if n.startswith(data_prefix)])
 
         def persistent_load(pid: Any) -> StorageRef:
             if type(pid) is not tuple or len(pid) < 5 or pid[0] != "storage":

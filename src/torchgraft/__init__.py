@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from .api import StateDict, load, plan, read
 from .errors import (
+    AmbiguousRenameError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompatibleKeysError,
+    LoadHookError,
     NothingToLoadError,
     OptionError,
     PartialLoadError,
@@ -22,13 +24,18 @@ from .errors import (
     PrefixNotFoundError,
     ReadError,
     RenameError,
+    ResourceLimitError,
     SelectError,
     ShapeMismatchError,
+    TooLittleLoadedError,
     TorchgraftError,
     UnsafeCheckpointError,
     UnsupportedFormatError,
+    UnsupportedTargetError,
+    UnsupportedTensorError,
 )
 from .formats import Checkpoint, Format, register_format
+from .limits import LIMITS, Limits, limits_raised
 from .report import Entry, LoadReport
 
 __version__ = "0.1.0"
@@ -39,5 +46,7 @@ __all__ = [
     "UnsupportedFormatError", "CorruptCheckpointError", "UnsafeCheckpointError", "SelectError",
     "PrefixNotFoundError", "RenameError", "PlanError", "ShapeMismatchError",
     "IncompatibleKeysError", "NothingToLoadError", "PartialLoadError", "OptionError",
-    "__version__",
+    "ResourceLimitError", "UnsupportedTensorError", "AmbiguousRenameError",
+    "UnsupportedTargetError", "LoadHookError", "TooLittleLoadedError", "LIMITS", "Limits",
+    "limits_raised", "__version__",
 ]

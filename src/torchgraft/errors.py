@@ -118,3 +118,41 @@ class OptionError(TorchgraftError, ValueError):
 
 
 __all__.append("OptionError")
+
+
+# --- wave 2: resource limits, tensor kinds, ambiguity, targets, hooks ---------------------------
+
+
+class ResourceLimitError(CorruptCheckpointError):
+    """The file asks for more than a resource limit allows (nesting depth, objects, decompressed
+    bytes, header bytes); see :mod:`torchgraft.limits` for how to raise a limit for a
+    legitimate huge file."""
+
+
+class UnsupportedTensorError(ReadError):
+    """The file holds a tensor of a kind torchgraft cannot rebuild (named, with its kind)."""
+
+
+class AmbiguousRenameError(RenameError, PlanError):
+    """``auto`` found several renaming rules that fit equally well (or none clearly best); the
+    message lists each candidate with the ``prefix=``/``rename=`` that picks it."""
+
+    def __init__(self, message: str, report: object | None = None) -> None:
+        PlanError.__init__(self, message, report)
+
+
+class UnsupportedTargetError(PlanError):
+    """A model tensor is of a kind torchgraft cannot write (e.g. a DTensor / FSDP2 shard)."""
+
+
+class LoadHookError(PlanError):
+    """A model's own loading code (load_state_dict pre/post hook, ``_load_from_state_dict``
+    override, ``set_extra_state``) failed while planning; names the module and the hook."""
+
+
+class TooLittleLoadedError(PlanError):
+    """Less than ``min_loaded`` of the model would be loaded."""
+
+
+__all__ += ["ResourceLimitError", "UnsupportedTensorError", "AmbiguousRenameError",
+            "UnsupportedTargetError", "LoadHookError", "TooLittleLoadedError"]

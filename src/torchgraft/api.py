@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from .apply import apply_copies
-from .errors import OptionError, PartialLoadError, SelectError
+from .errors import OptionError, PartialLoadError, SelectError, UnsupportedTensorError
 from .formats import Checkpoint, open_checkpoint
+from .formats.unpickler import Placeholder
 from .names import NameMap, Rename, map_names
 from .native_load import NativeGroup, apply_group, check_writable, find_native, has_meta, plan_group
 from .plan import (
@@ -387,10 +388,10 @@ def _split_native(groups: list[NativeGroup], slots: dict[str, Slot],
         group.state[tgt] = refs[src].materialize()
         group.sources[tgt] = src
         del kept_refs[src], target[src]
-    if isinstance(node, Mapping):  # non-tensor extra state (get_extra_state() values)
+    if isinstance(node, Mapping):  # non-tensor entries: extra state, packed params, dtypes
         for key, value in node.items():
-            if isinstance(key, str) and key.endswith("_extra_state") and key not in refs:
-                tgt = _extra_state_target(key, names)
+            if isinstance(key, str) and key not in refs:
+                tgt = _value_target(key, names)
                 group = owner(tgt)
                 if group is not None:
                     group.state[tgt] = _plain_value(value)
@@ -403,12 +404,13 @@ def _split_native(groups: list[NativeGroup], slots: dict[str, Slot],
     return kept_slots, kept_refs, rest
 
 
-def _extra_state_target(key: str, names: NameMap) -> str:
-    """Map an extra-state name like the tensors of the same module were mapped."""
-    parent = key[: -len("_extra_state")]
+def _value_target(key: str, names: NameMap) -> str:
+    """Map a non-tensor entry's name like the tensors of the same module were mapped."""
+    parent = key.rpartition(".")[0] + "." if "." in key else ""
+    leaf = key[len(parent):]
     for src, tgt in names.target.items():
         if src.startswith(parent) and "." not in src[len(parent):]:
-            return tgt[: len(tgt) - len(src) + len(parent)] + "_extra_state"
+            return tgt[: len(tgt) - len(src) + len(parent)] + leaf
     if names.auto_rule is not None:
         s_pre, a_pre = names.auto_rule
         if key.startswith(s_pre):
@@ -422,6 +424,12 @@ def _plain_value(value: Any) -> Any:
     """A container value for ``set_extra_state``: tensors materialised, containers rebuilt."""
     if isinstance(value, TensorRef):
         return value.materialize()
+    if isinstance(value, Placeholder):
+        raise UnsupportedTensorError(
+            f"the checkpoint holds a {value.qualname} object where the model's own loading code "
+            "expects a value; torchgraft does not run the file's code to rebuild it. Pass "
+            "hooks=False to load the tensors without the model's loading code, or trust=True "
+            "if you trust the file")
     if isinstance(value, dict):
         return type(value)((k, _plain_value(v)) for k, v in value.items()) \
             if type(value) in (dict, OrderedDict) else {k: _plain_value(v) for k, v in value.items()}

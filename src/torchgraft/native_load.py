@@ -147,7 +147,9 @@ def _reasons(module: nn.Module, prefix: str, names: set[str], metadata: Any,
     for n, t in list(module._parameters.items()) + list(module._buffers.items()):
         if t is None or n in module._non_persistent_buffers_set and n in module._buffers:
             continue
-        if not _plain_target(t):
+        if nn.parameter.is_lazy(t):
+            out.append(f"{n} is uninitialized (lazy)")
+        elif not _plain_target(t):
             if _is_dtensor(t):
                 check_writable(module, prefix)
             out.append(f"{n} is a {type(t).__name__} ({t.layout}"
@@ -178,6 +180,8 @@ def find_native(model: nn.Module, names: set[str], metadata: Any,
                 visit(child, f"{prefix}{child_name}.")
 
     visit(model, "")
+    for group in groups:  # below a native module, plain checks were not made: DTensors
+        check_writable(group.module, group.prefix)
     return groups
 
 
@@ -222,6 +226,8 @@ def run_torch_load(module: nn.Module, state: dict[str, Any], prefix: str, metada
                 handle = mod.register_load_state_dict_pre_hook(
                     lambda _m, d, *_a, keys=mine: [d.pop(k, None) for k in keys])
         before = {k: id(v) for k, v in local.items()} if own else None
+        cut = len(pre)
+        direct = {k: v for k, v in local.items() if k.startswith(pre) and "." not in k[cut:]}
         try:
             mod._load_from_state_dict(local, pre, local_metadata, True, run.missing,
                                       run.unexpected, run.errors)
@@ -241,11 +247,14 @@ def run_torch_load(module: nn.Module, state: dict[str, Any], prefix: str, metada
                     run.changed_by[k] = who
             for k in before.keys() - local.keys():
                 run.removed_by[k] = who
-        for n in list(mod._parameters) + list(mod._buffers) + ["_extra_state"]:
-            key = pre + n
-            value = local.get(key, _ABSENT)
-            if value is not _ABSENT:
-                run.seen[key] = value
+        # what this module's own entries held after its hooks (a key its loader consumed
+        # keeps the value it had before)
+        for k, v in local.items():
+            if k.startswith(pre) and "." not in k[cut:]:
+                run.seen[k] = v
+        for k, v in direct.items():
+            if k not in local:
+                run.seen[k] = v
         for child_name, child in mod._modules.items():
             if child is not None:
                 child_prefix = f"{pre}{child_name}."
@@ -312,7 +321,9 @@ def _dt(value: Any) -> str | None:
 
 
 def _shp(value: Any) -> tuple[int, ...] | None:
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    if not isinstance(value, torch.Tensor) or nn.parameter.is_lazy(value):
+        return None
+    return tuple(value.shape)
 
 
 def plan_group(group: NativeGroup, tolerate: Callable[[str], str | None]) -> list[Any]:
@@ -355,18 +366,23 @@ def plan_group(group: NativeGroup, tolerate: Callable[[str], str | None]) -> lis
             entries.append(Entry(name, src, "skipped", _shp(seen), tshape, _dt(seen), tdt, reason))
             continue
         seen = run.seen.get(name, _ABSENT)
-        if name in run.missing or seen is _ABSENT:
+        if name in run.missing:
             reason = "not in checkpoint"
             if name in run.removed_by:
                 reason = f"removed by {run.removed_by[name]}"
             entries.append(Entry(name, None, "missing", None, tshape, None, tdt, reason))
             continue
-        origin = sent.get(id(seen))
+        origin = sent.get(id(seen)) if seen is not _ABSENT else None
+        if seen is _ABSENT and src is None:
+            entries.append(Entry(name, None, "copied", None, tshape, None, tdt,
+                                 f"set by {why_native}"))
+            continue
         if not isinstance(tval, torch.Tensor):
             if src:
                 used.add(src)
-            entries.append(Entry(name, src, "copied", None, None, None, None,
-                                 "extra state, set by set_extra_state"))
+            what = "extra state, set by set_extra_state" if name.endswith("_extra_state") else \
+                f"a {type(tval).__name__}, set by the module's own loading code"
+            entries.append(Entry(name, src, "copied", None, None, None, None, what))
             continue
         if origin is not None:
             src_name = group.sources.get(origin, origin)

@@ -77,8 +77,9 @@ def model_slots(model: torch.nn.Module) -> dict[str, Slot]:
     groups: dict[int, int] = {}
     shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one shared tuple per distinct shape
     tensor = torch.Tensor
+    is_lazy = torch.nn.parameter.is_lazy
     for name, value in model.state_dict(keep_vars=True).items():
-        if isinstance(value, tensor):
+        if isinstance(value, tensor) and not (type(value) is not tensor and is_lazy(value)):
             key = id(value)
             gid = groups.get(key)
             if gid is None:

@@ -483,7 +483,7 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
     that does not fit (timm) and refuses every other shape mismatch; ``"error"`` refuses all;
     ``"skip"`` keeps the model's own values for all. ``min_loaded``: refuse (TooLittleLoadedError)
     when less than this fraction of the model's elements would be loaded; without it a load
-    below 50% only warns.
+    below 90% only warns (``tg.LowLoadWarning``).
 
     Example:
         >>> import torch, torchgraft as tg

@@ -40,7 +40,7 @@ MISMATCH_MODES = (None, "error", "skip")
 DEFAULT_MISMATCH = None
 
 #: Below this loaded fraction ``tg.load`` warns (``min_loaded=`` turns it into an error).
-LOW_LOAD_WARNING = 0.5
+LOW_LOAD_WARNING = 0.9
 
 
 @dataclass(slots=True)

@@ -419,3 +419,132 @@ def test_quantized_and_sparse_read_into_same_kind(tmp_path: Path) -> None:
         path2 = tmp_path / "m.pth"
         torch.save({"m": torch.empty(2, device="meta")}, path2)
         tg.read(path2).refs["m"].read_into(torch.empty(2))
+
+
+# --- hostile rebuild arguments (hand-made, as a hostile file would give them) -------------------
+
+HOSTILE_SCRIPT = r"""
+import resource, sys, torch
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+from torchgraft.errors import TorchgraftError
+from torchgraft.formats import tensor_kinds as tk
+from torchgraft.tensors import MemoryRef as M
+L = torch.tensor
+buf = M(torch.arange(10.0))
+cases = {
+    "nested_outside": lambda: tk.rebuild_nested_tensor(buf, M(L([[4], [3]])), M(L([[1], [1]])),
+                                                        M(L([0, 8]))),
+    "nested_wraps_int64": lambda: tk.rebuild_nested_tensor(
+        buf, M(L([[2**40, 2**40]])), M(L([[2**40, 2**40]])), M(L([0]))),
+    "nested_zero_stride": lambda: tk.rebuild_nested_tensor(buf, M(L([[2**60]])), M(L([[0]])),
+                                                           M(L([0]))),
+    "nested_negative": lambda: tk.rebuild_nested_tensor(buf, M(L([[2]])), M(L([[-1]])),
+                                                        M(L([5]))),
+    "coo_index_past_size": lambda: tk.rebuild_sparse_tensor(
+        torch.sparse_coo, (M(L([[0, 2**40]])), M(L([1.0, 2.0])), (3,), False)),
+    "coo_negative_index": lambda: tk.rebuild_sparse_tensor(
+        torch.sparse_coo, (M(L([[-5]])), M(L([1.0])), (3,), True)),
+    "csr_plain_past_size": lambda: tk.rebuild_sparse_tensor(
+        torch.sparse_csr, (M(L([0, 1, 2])), M(L([0, 99])), M(L([1.0, 2.0])), (2, 2))),
+    "csr_compressed_past_nnz": lambda: tk.rebuild_sparse_tensor(
+        torch.sparse_csr, (M(L([0, 1, 50])), M(L([0, 1])), M(L([1.0, 2.0])), (2, 2))),
+    "jagged_offsets_past_values": lambda: tk.rebuild_njt(
+        {"values": M(torch.randn(4, 3)), "offsets": M(L([0, 2, 40]))}),
+}
+for name, make in cases.items():
+    try:
+        make().materialize()
+    except TorchgraftError as err:
+        print(name, "refused:", type(err).__name__)
+    else:
+        print(name, "ACCEPTED")
+"""
+
+
+def test_hostile_rebuild_arguments_are_refused_in_a_bounded_subprocess(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(tg.__file__).parent.parent))
+    run = subprocess.run([sys.executable, "-c", HOSTILE_SCRIPT], capture_output=True, text=True,
+                         timeout=120, env=env)
+    lines = [ln for ln in run.stdout.splitlines() if ln]
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(lines) == 9 and all("refused: CorruptCheckpointError" in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda: _kinds().with_metadata(_m([1.0]), {"conj": True}), CorruptCheckpointError),
+    (lambda: _kinds().with_metadata(_m([1.0]), {"zap": True}), UnsupportedTensorError),
+    (lambda: _kinds().with_metadata(_m([1.0]), {"neg": "yes"}), CorruptCheckpointError),
+    (lambda: _kinds().rebuild_sparse_tensor(torch.sparse_coo, (_m([[0]]), _m([1.0]), (3, 4),
+                                                               True)), CorruptCheckpointError),
+    (lambda: _kinds().rebuild_sparse_tensor(torch.sparse_coo, (_m([[0.5]]), _m([1.0]), (3,),
+                                                               True)), CorruptCheckpointError),
+    (lambda: _kinds().rebuild_sparse_tensor(torch.sparse_coo, (_m([[0]]), _m([1.0]), (-3,),
+                                                               True)), CorruptCheckpointError),
+    (lambda: _kinds().rebuild_sparse_tensor(torch.sparse_csr, ("x", _m([0]), _m([1.0]), (1, 1))),
+     CorruptCheckpointError),
+    (lambda: _kinds().rebuild_meta_tensor(torch.float32, (2, 3), (1,)), CorruptCheckpointError),
+    (lambda: _kinds().rebuild_meta_tensor("float", (2,), (1,)), CorruptCheckpointError),
+    (lambda: _kinds().rebuild_njt({"values": _m([1.0]), "offsets": "no"}),
+     CorruptCheckpointError),
+])
+def test_bad_rebuild_arguments_raise_before_reading(call: Callable, error: type) -> None:
+    with pytest.raises(error):
+        call()
+
+
+def _kinds():  # noqa: ANN202
+    from torchgraft.formats import tensor_kinds
+
+    return tensor_kinds
+
+
+def _m(values: list) -> tg.tensors.MemoryRef:
+    from torchgraft.tensors import MemoryRef
+
+    return MemoryRef(torch.tensor(values))
+
+
+def test_quantized_parameters_are_checked(tmp_path: Path) -> None:
+    """Per-channel scales of the wrong length, an axis out of range, a non-finite scale."""
+    from torchgraft.formats import tensor_kinds as tk
+    from torchgraft.formats.unpickler import StorageRef
+
+    def storage(n: int) -> StorageRef:
+        def make(storage, dt, off, shape, stride):  # noqa: ANN001, ANN202
+            from torchgraft.tensors import MemoryRef
+
+            return MemoryRef(torch.zeros(shape, dtype=dt))
+
+        return StorageRef(torch.qint8, n, make)
+
+    scales, zps = _m([0.1, 0.2]), tg.tensors.MemoryRef(torch.tensor([0, 0]))
+    bad = [
+        ((torch.per_channel_affine, scales, zps, 5), "axis"),
+        ((torch.per_channel_affine, scales, zps, 0), "scales"),  # size[0] is 3
+        ((torch.per_tensor_affine, float("nan"), 0), "scale"),
+        ((torch.per_tensor_affine, 0.1, 0.5), "zero point"),
+        (("per_tensor_affine", 0.1, 0), None),
+    ]
+    for params, words in bad:
+        if words is None:
+            ref = tk.rebuild_qtensor(storage(12), 0, (3, 4), (4, 1), params)
+            assert isinstance(ref, tk.UnsupportedRef)
+            continue
+        with pytest.raises(CorruptCheckpointError, match=words):
+            tk.rebuild_qtensor(storage(12), 0, (3, 4), (4, 1), params)
+
+
+def test_subclass_with_an_unknown_torch_rebuilder_is_an_error_not_dropped(tmp_path: Path) -> None:
+    from tests.corpus import Call, RawGlobal, pickle_module
+
+    future = RawGlobal("torch._utils", "_rebuild_future_kind")  # what a newer torch might write
+    sub = Call(RawGlobal("torch._tensor", "_rebuild_from_type_v2"), future,
+               RawGlobal("torch", "Tensor"), (1, 2), {})
+    path = tmp_path / "sub.pth"
+    torch.save({"w": torch.ones(2), "odd": sub}, path, pickle_module=pickle_module())
+    with pytest.raises(UnsupportedTensorError, match="'odd'.*_rebuild_future_kind"):
+        tg.read(path)

@@ -64,7 +64,8 @@ class ComputedRef(TensorRef):
         except Exception as err:  # torch's own validation of the rebuilt tensor
             raise CorruptCheckpointError(
                 f"{self.kind} tensor of shape {list(self.shape)}: the file's data is invalid "
-                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); the "
+                "file is corrupt or was written by a faulty tool - save it again"
             ) from None
 
     def read_into(self, out: torch.Tensor) -> None:
@@ -371,16 +372,26 @@ def rebuild_nested_tensor(buffer: Any, sizes: Any, strides: Any, offsets: Any) -
 
     def build() -> torch.Tensor:
         buf, sz, st, off = (r.materialize() for r in (buffer, sizes, strides, offsets))
-        if bool((sz < 0).any()) or bool((st < 0).any()) or bool((off < 0).any()):
-            raise CorruptCheckpointError("nested tensor sizes, strides or offsets are negative")
-        empty = (sz == 0).any(dim=1)
-        last = off + ((sz - 1).clamp(min=0) * st).sum(dim=1)
-        if bool((~empty & (last >= buf.numel())).any()):
-            raise CorruptCheckpointError("a nested tensor component lies outside its buffer")
+        _check_nested_spans(buf.numel(), sz, st, off)
         return torch._nested_view_from_buffer(buf, sz, st, off)
 
     return ComputedRef("nested (strided)", (sizes.shape[0],), buffer.dtype, build,
                        (buffer, sizes, strides, offsets))
+
+
+def _check_nested_spans(numel: int, sizes: torch.Tensor, strides: torch.Tensor,
+                        offsets: torch.Tensor) -> None:
+    """Every component lies inside the buffer (computed in float64: no int64 wrap-around) and
+    steps through it (stride >= 1 wherever a dimension has more than one element)."""
+    if bool((sizes < 0).any()) or bool((strides < 0).any()) or bool((offsets < 0).any()):
+        raise CorruptCheckpointError("nested tensor sizes, strides or offsets are negative")
+    if bool(((sizes > 1) & (strides == 0)).any()):
+        raise CorruptCheckpointError("nested tensor component with a zero stride")
+    sz, st, off = (t.to(torch.float64) for t in (sizes, strides, offsets))
+    empty = (sizes == 0).any(dim=1)
+    last = off + ((sz - 1).clamp(min=0) * st).sum(dim=1)
+    if bool((~empty & (last >= numel)).any()):
+        raise CorruptCheckpointError("a nested tensor component lies outside its buffer")
 
 
 def rebuild_njt(kwargs: Any) -> TensorRef:
@@ -397,19 +408,18 @@ def rebuild_njt(kwargs: Any) -> TensorRef:
     if ragged > len(values.shape) or len(offsets.shape) != 1 or not offsets.shape[0]:
         raise CorruptCheckpointError("jagged nested tensor: offsets or ragged dimension invalid")
     _dtype_in(offsets, (torch.int64, torch.int32), "jagged offsets")
-    cache = kwargs.get("_metadata_cache") or {}
-    seqlens = {}
-    for key in ("min_seqlen", "max_seqlen"):
-        held = cache.get(key) if isinstance(cache, dict) else None
-        if isinstance(held, TensorRef) and held.shape:
-            seqlens[key] = held.shape[0]  # torch stores the value as a tensor of shape (v, 0)
+    # the file's cached min/max sequence lengths are hints kernels trust; they are recomputed
+    # from the checked offsets instead of taken from the file
 
     def build() -> torch.Tensor:
         vals, offs = values.materialize(), offsets.materialize()
         if bool((offs[1:] < offs[:-1]).any()) or int(offs[0]) < 0 or int(
                 offs[-1]) > vals.shape[ragged - 1]:
             raise CorruptCheckpointError("jagged nested tensor offsets are out of order or bounds")
-        return torch.nested.nested_tensor_from_jagged(vals, offs, jagged_dim=ragged, **seqlens)
+        lengths = offs[1:] - offs[:-1]
+        return torch.nested.nested_tensor_from_jagged(
+            vals, offs, jagged_dim=ragged, min_seqlen=int(lengths.min()) if len(lengths) else 0,
+            max_seqlen=int(lengths.max()) if len(lengths) else 0)
 
     return ComputedRef("nested (jagged)", (offsets.shape[0] - 1,), values.dtype, build,
                        (values, offsets), torch.jagged, extra=ragged)
@@ -475,8 +485,10 @@ def rebuild_wrapper_subclass(cls: Any, dtype: Any, size: Any, *rest: Any) -> Ten
     shape = tuple(size) if isinstance(size, (tuple, list, torch.Size)) else ()
     return UnsupportedRef(
         f"tensor subclass {name} without storage",
-        "the file holds only its shape and dtype, not values (a fake or functional tensor was "
-        "saved)", shape if all(type(d) is int for d in shape) else (),
+        "the file holds its shape and dtype and, at most, the subclass's own Python state, which "
+        "torchgraft does not run (a fake, functional or distributed tensor was saved); save "
+        "plain tensors instead (e.g. DTensor.full_tensor())",
+        shape if all(type(d) is int for d in shape) else (),
         dtype if isinstance(dtype, torch.dtype) else torch.float32)
 
 
@@ -487,7 +499,20 @@ def unsupported_rebuild(qualname: str) -> Callable[..., TensorRef]:
         return UnsupportedRef(f"tensor rebuilt by {qualname}", "torchgraft does not rebuild this "
                               "kind of tensor")
 
+    rebuild.torch_qualname = qualname  # type: ignore[attr-defined]
     return rebuild
+
+
+def unknown_subclass(func: Any, new_type: Any) -> UnsupportedRef | None:
+    """For ``_rebuild_from_type_v2(func, new_type, ...)`` whose ``func`` is a torch rebuilder
+    torchgraft does not implement: an UnsupportedRef (a tensor, never dropped). None for any
+    other ``func`` (the caller keeps it an inert placeholder)."""
+    qualname = getattr(func, "torch_qualname", None) or getattr(func, "qualname", "")
+    if not (isinstance(qualname, str) and qualname.startswith("torch.")):
+        return None
+    cls = getattr(new_type, "qualname", None) or getattr(new_type, "__name__", "?")
+    return UnsupportedRef(f"tensor subclass {cls} rebuilt by {qualname}",
+                          "torchgraft does not rebuild this kind of tensor")
 
 
 def tensor_kind_globals() -> dict[str, Any]:

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import CorruptCheckpointError
 from ..tensors import TensorRef
-from .tensor_kinds import LAYOUTS, tensor_kind_globals, with_metadata
+from .tensor_kinds import LAYOUTS, tensor_kind_globals, unknown_subclass, with_metadata
 from .tensor_kinds import REBUILDERS as KIND_REBUILDERS
 
 # --- placeholders ----------------------------------------------------------------------------
@@ -204,6 +204,9 @@ def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None
 def _rebuild_from_type_v2(func, new_type, args, state):
     if (func in _REBUILDERS or func in KIND_REBUILDERS) and isinstance(args, tuple):
         return func(*args)
+    unsupported = unknown_subclass(func, new_type)  # a torch rebuilder torchgraft lacks
+    if unsupported is not None:
+        return unsupported
     return make_placeholder("torch._tensor._rebuild_from_type_v2")(func, new_type, args, state)
 
 

@@ -548,3 +548,26 @@ def test_subclass_with_an_unknown_torch_rebuilder_is_an_error_not_dropped(tmp_pa
     torch.save({"w": torch.ones(2), "odd": sub}, path, pickle_module=pickle_module())
     with pytest.raises(UnsupportedTensorError, match="'odd'.*_rebuild_future_kind"):
         tg.read(path)
+
+
+@pytest.mark.parametrize("save", ["zip", "legacy_p4", "crc_off", "deflated"])
+def test_load_copies_what_load_state_dict_copies(tmp_path: Path, save: str) -> None:
+    """Views with conj/neg bits, offsets and stride 0 land in a model as load_state_dict puts
+    them (the copy path, not only tg.read)."""
+    sd = {name.replace(".", "_"): t for name, t in state_dict().items()
+          if name.split(".")[0] in ("float32", "complex64", "int64", "float16", "bool")}
+    path = tmp_path / f"{save}.pth"
+    SAVES[save](path, sd)
+
+    def model() -> torch.nn.Module:
+        m = torch.nn.Module()
+        for name, t in sd.items():
+            m.register_buffer(name, torch.zeros(t.shape, dtype=t.dtype))
+        return m
+
+    ours, theirs = model(), model()
+    report = tg.load(ours, path, strict=True)
+    theirs.load_state_dict(torch.load(path, weights_only=False))
+    assert report.ok and len(report.entries) == len(sd)
+    bad = [n for n, t in theirs.state_dict().items() if difference(ours.state_dict()[n], t)]
+    assert not bad, bad

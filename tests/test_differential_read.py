@@ -309,9 +309,41 @@ def test_torchscript_archive_reads_its_weights(tmp_path: Path) -> None:
     assert any("TorchScript" in n for n in got.checkpoint.notes)
 
 
+class _Exported(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.bn = torch.nn.BatchNorm1d(2)
+        self.t = torch.nn.Parameter(torch.randn(4, 5).t())  # a transposed view
+        self.register_buffer("scratch", torch.ones(1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.lin(x)) + self.scratch + self.t.sum()
+
+
 def _export(path: Path) -> None:
-    ep = torch.export.export(torch.nn.Linear(3, 2), (torch.randn(2, 3),))
+    ep = torch.export.export(_Exported().eval(), (torch.randn(2, 3),))
     torch.export.save(ep, path)
+
+
+def test_torch_export_archive_reads_its_weights(tmp_path: Path) -> None:
+    path = tmp_path / "prog.pt2"
+    _export(path)
+    want = torch.export.load(path).state_dict
+    got = tg.read(path)
+    assert sorted(got) == sorted(want)
+    bad = {n: difference(got[n], w) for n, w in want.items() if difference(got[n], w)}
+    assert not bad, bad
+    assert got.checkpoint.format == "torch-export"
+
+
+def _export_without_weights_config(path: Path) -> None:
+    full = path.with_suffix(".full")
+    _export(full)
+    with zipfile.ZipFile(full) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            if not info.filename.endswith("_weights_config.json"):
+                zout.writestr(info, zin.read(info.filename))
 
 
 class _StorageLessSubclass:
@@ -362,7 +394,8 @@ ERROR_CASES: dict[str, tuple[Callable[[Path], None], type[TorchgraftError], str]
     "single_tensor": (lambda p: torch.save(torch.ones(3), p), SelectError, "single tensor"),
     "tensor_list": (lambda p: torch.save([torch.ones(3), torch.ones(2)], p), SelectError,
                     "list of 2 tensors"),
-    "torch_export_pt2": (_export, UnsupportedFormatError, "torch.export"),
+    "torch_export_unreadable": (_export_without_weights_config, UnsupportedFormatError,
+                                "torch.export"),
     "storage_less_subclass": (_fake, UnsupportedTensorError, "'fake'"),
     "bad_device_tensor": (_unknown_rebuilder, CorruptCheckpointError, "device tensor"),
     "sparse_index_out_of_bounds": (_sparse_out_of_bounds, CorruptCheckpointError, "sparse_coo"),

@@ -19,7 +19,7 @@ import torch
 from ..errors import CheckpointNotFoundError, ReadError, UnsupportedFormatError
 from ..tensors import MemoryRef
 from . import tensor_kinds
-from .archives import describe_pt2, torchscript_state
+from .archives import describe_pt2, open_pt2, torchscript_state
 from .base import Checkpoint, Format, register_format, registered_formats
 from .folder import open_folder
 from .numpy_files import NpzFormat, PickleFormat, arrays_to_refs
@@ -87,10 +87,14 @@ def _open_with(fmt: Format, path: Path, trust: bool) -> Checkpoint:
     try:
         ckpt = fmt.open(path, trust)
     except UnsupportedFormatError:
-        pt2 = describe_pt2(path) if head_is_zip(path) else None
-        if pt2:
-            raise UnsupportedFormatError(pt2) from None
-        raise
+        if not head_is_zip(path):
+            raise
+        ckpt = open_pt2(path)  # a torch.export archive: its weights
+        if ckpt is None:
+            pt2 = describe_pt2(path)
+            if pt2:
+                raise UnsupportedFormatError(pt2) from None
+            raise
     if tensor_kinds.UNSUPPORTED_MADE != made:
         tensor_kinds.raise_unsupported(ckpt.root, ckpt.name)
     state = torchscript_state(ckpt.root)

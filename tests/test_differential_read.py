@@ -604,3 +604,13 @@ def test_load_copies_what_load_state_dict_copies(tmp_path: Path, save: str) -> N
     assert report.ok and len(report.entries) == len(sd)
     bad = [n for n, t in theirs.state_dict().items() if difference(ours.state_dict()[n], t)]
     assert not bad, bad
+
+
+def test_deflated_storages_are_bounded_by_the_decompression_limit(tmp_path: Path) -> None:
+    path = tmp_path / "big.pth"
+    _deflate(path, {"w": torch.zeros(4096)})  # 16 KiB that deflate to a few bytes
+    with tg.limits_raised(max_decompressed_bytes=8192):
+        # (a ResourceLimitError; raised inside unpickling, which may re-wrap it)
+        with pytest.raises(CorruptCheckpointError, match="max_decompressed_bytes"):
+            tg.read(path)
+    assert torch.equal(tg.read(path)["w"], torch.zeros(4096))

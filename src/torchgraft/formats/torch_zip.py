@@ -124,10 +124,8 @@ class _ZipStorage(StorageRef):
 # --- deflated storage members (a torch zip rewritten with ZIP_DEFLATED; torch.load reads it) ----
 
 
-def _uncompressed_sizes(path: Path, members: Members) -> dict[str, int]:
-    """Uncompressed sizes of the compressed members (empty, at no cost, when all are stored)."""
-    if all(m[2] == zipfile.ZIP_STORED for m in members.values()):
-        return {}
+def _uncompressed_sizes(path: Path) -> dict[str, int]:
+    """Uncompressed sizes of the compressed members, their total checked against the limit."""
     try:
         with zipfile.ZipFile(path) as zf:
             sizes = {i.filename: i.file_size for i in zf.infolist()
@@ -195,6 +193,8 @@ def _deflated_storage(fh: FileHandle, dtype: torch.dtype, name: str, offset: int
             "stored and deflated members are read. Rewrite the archive uncompressed (zip -0)")
     if offset + csize > fh.size:
         raise CorruptCheckpointError(f"storage data/{key} runs past the end of the file")
+    if not usizes:
+        usizes.update(_uncompressed_sizes(fh.path))
     if name not in usizes:
         raise CorruptCheckpointError(f"storage data/{key}: no uncompressed size in the archive")
     return _DeflatedStorage(dtype, fh, offset, csize, usizes[name], crc, key)
@@ -233,7 +233,7 @@ class TorchZipFormat(Format):
         data = _read_member(fh, members, pkl_name)
 
         storages: dict[str, StorageRef] = {}
-        usizes = _uncompressed_sizes(path, members)
+        usizes: dict[str, int] = {}  # filled on the first compressed storage
         data_prefix = prefix + "data/"
         offsets = _data_offsets(fh, [(m[0], n) for n, m in members.items()
                                      if n.startswith(data_prefix)])

@@ -279,6 +279,16 @@ def test_inspect_stats_on_every_dtype_and_kind(tmp_path: Path) -> None:
     assert {n for n in no_stats if n.startswith("kind.")} == {"kind.meta", "kind.meta_strided"}
 
 
+def test_cli_inspect_stats_on_every_dtype_and_kind(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from torchgraft.cli import main
+
+    path = tmp_path / "all.pth"
+    torch.save(state_dict(), path)
+    assert main(["inspect", str(path), "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert "float4_e2m1fn_x2.contiguous" in out and "kind.qint8" in out
+
+
 def test_protocol2_builtins_are_plain_data(tmp_path: Path) -> None:
     meta = {"c": 1 + 2j, "f": frozenset({1, 2}), "b": bytearray(b"xy"), "s": slice(1, 5, 2)}
     path = tmp_path / "p2.pth"

@@ -195,21 +195,22 @@ def with_metadata(ref: TensorRef, metadata: Any) -> TensorRef:
     """``ref`` with torch's tensor metadata bits (``{'conj': True}``, ``{'neg': True}``) applied:
     the file stores the un-conjugated / un-negated values; the result is the resolved ones."""
     if not isinstance(metadata, dict):
-        raise CorruptCheckpointError(f"bad tensor metadata {metadata!r:.80}")
+        return ref  # not torch's: an inert placeholder at most, listed with the others
     unknown = set(metadata) - _METADATA_KEYS
     if unknown:
-        raise UnsupportedTensorError(
-            f"tensor metadata {sorted(map(str, unknown))} is not understood (known: conj, neg); "
-            "the file was written by a newer torch")
-    bits = {k: v for k, v in metadata.items() if v}
+        return UnsupportedRef(
+            "tensor with metadata torchgraft does not know",
+            f"{sorted(map(str, unknown))} (known: conj, neg); the file was written by a newer "
+            "torch", ref.shape, ref.dtype)
     if any(type(v) is not bool for v in metadata.values()):
         raise CorruptCheckpointError(f"bad tensor metadata {metadata!r:.80}")
+    bits = {k: v for k, v in metadata.items() if v}
     if not bits:
         return ref
     if bits.get("conj") and not ref.dtype.is_complex:
         raise CorruptCheckpointError(f"a conjugate bit on a {ref.dtype} (not complex) tensor")
-    if bits.get("neg") and (ref.dtype == torch.bool or ref.dtype.itemsize == 0):
-        raise CorruptCheckpointError(f"a negative bit on a {ref.dtype} tensor")
+    if bits.get("neg") and ref.dtype == torch.bool:
+        raise CorruptCheckpointError("a negative bit on a bool tensor")
     kind = " ".join(["conj" if bits.get("conj") else "", "neg" if bits.get("neg") else ""]).strip()
 
     def build() -> torch.Tensor:

@@ -399,6 +399,18 @@ def _deflated_corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _future_metadata(path: Path) -> None:
+    from tests.corpus import pickle_module
+
+    t = torch.ones(3)
+
+    def newer_torch(func, args):  # noqa: ANN001, ANN202
+        return func, args + ({"neg": False, "sparkle": True},)
+
+    torch.save({"w": torch.ones(2), "t": t}, path,
+               pickle_module=pickle_module(tensor_hooks={id(t): newer_torch}))
+
+
 # name -> (writer, error class, words the message must hold)
 ERROR_CASES: dict[str, tuple[Callable[[Path], None], type[TorchgraftError], str]] = {
     "single_tensor": (lambda p: torch.save(torch.ones(3), p), SelectError, "single tensor"),
@@ -407,6 +419,8 @@ ERROR_CASES: dict[str, tuple[Callable[[Path], None], type[TorchgraftError], str]
     "torch_export_unreadable": (_export_without_weights_config, UnsupportedFormatError,
                                 "torch.export"),
     "storage_less_subclass": (_fake, UnsupportedTensorError, "'fake'"),
+    "unknown_tensor_metadata": (_future_metadata, UnsupportedTensorError, "'t' is a tensor with "
+                                "metadata torchgraft does not know: ['sparkle']"),
     "bad_device_tensor": (_unknown_rebuilder, CorruptCheckpointError, "device tensor"),
     "sparse_index_out_of_bounds": (_sparse_out_of_bounds, CorruptCheckpointError, "sparse_coo"),
     "csr_indices_out_of_order": (_csr_bad_order, CorruptCheckpointError, "sparse_csr"),

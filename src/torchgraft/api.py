@@ -287,8 +287,9 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
         node = _node_at(source, ckpt.root, cand.path)
         metadata = _mapped_metadata(getattr(node, "_metadata", None), names)
         src_of = {t: s for s, t in names.target.items()}
+        odd = [n for n, sl in slots.items() if not sl.plain or not sl.shape]
         groups = find_native(model, set(src_of), metadata,
-                             lambda n: refs[src_of[n]].shape if n in src_of else None)
+                             lambda n: refs[src_of[n]].shape if n in src_of else None, odd)
     else:
         check_writable(model)
     tolerated: set[str] = set()
@@ -482,7 +483,7 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
     that does not fit (timm) and refuses every other shape mismatch; ``"error"`` refuses all;
     ``"skip"`` keeps the model's own values for all. ``min_loaded``: refuse (TooLittleLoadedError)
     when less than this fraction of the model's elements would be loaded; without it a load
-    below 50% only warns.
+    below 90% only warns (``tg.LowLoadWarning``).
 
     Example:
         >>> import torch, torchgraft as tg

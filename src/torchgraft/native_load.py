@@ -122,12 +122,28 @@ def _version(metadata: Any, path: str) -> Any:
     return entry.get("version") if isinstance(entry, dict) else None
 
 
+_CLASS_REASONS: dict[type, tuple[Any, bool]] = {}
+
+
+def _class_facts(cls: type) -> tuple[Any, bool]:
+    """(its ``_load_from_state_dict`` if not torch's default, has ``set_extra_state``)."""
+    facts = _CLASS_REASONS.get(cls)
+    if facts is None:
+        loader = cls._load_from_state_dict
+        extra = getattr(cls, "set_extra_state", _DEFAULT_SET_EXTRA) is not _DEFAULT_SET_EXTRA
+        facts = _CLASS_REASONS[cls] = (None if loader is _DEFAULT_LOAD else loader, extra)
+    return facts
+
+
 def _reasons(module: nn.Module, prefix: str, names: set[str], metadata: Any,
-             shapes: Callable[[str], tuple[int, ...] | None]) -> list[str]:
+             shapes: Callable[[str], tuple[int, ...] | None], tensors_odd: bool) -> list[str]:
     """Why ``module`` itself must be loaded by torch's code (empty: plain copies are exact)."""
+    loader, extra = _class_facts(type(module))
+    pre_hooks, post_hooks = module._load_state_dict_pre_hooks, module._load_state_dict_post_hooks
+    if loader is None and not extra and not pre_hooks and not post_hooks and not tensors_odd:
+        return []
     cls = type(module)
-    out = [f"pre-hook {_hook_name(h)}" for h in module._load_state_dict_pre_hooks.values()]
-    loader = cls._load_from_state_dict
+    out = [f"pre-hook {_hook_name(h)}" for h in pre_hooks.values()]
     if loader is _NORM_LOAD:
         version = _version(metadata, prefix[:-1])
         if (module.track_running_stats and (version is None or version < 2)
@@ -139,39 +155,43 @@ def _reasons(module: nn.Module, prefix: str, names: set[str], metadata: Any,
         if (version is None and not module.track_running_stats
                 and (prefix + "running_mean" in names or prefix + "running_var" in names)):
             out.append(f"{cls.__name__} refuses running stats in the file")
-    elif loader is not _DEFAULT_LOAD:
+    elif loader is not None:
         out.append(f"{loader.__qualname__} overrides torch")
-    if getattr(cls, "set_extra_state", _DEFAULT_SET_EXTRA) is not _DEFAULT_SET_EXTRA:
+    if extra:
         out.append(f"{cls.__name__}.set_extra_state")
-    out += [f"post-hook {_hook_name(h)}" for h in module._load_state_dict_post_hooks.values()]
-    for n, t in list(module._parameters.items()) + list(module._buffers.items()):
-        if t is None or n in module._non_persistent_buffers_set and n in module._buffers:
-            continue
-        if nn.parameter.is_lazy(t):
-            out.append(f"{n} is uninitialized (lazy)")
-        elif not _plain_target(t):
-            if _is_dtensor(t):
-                check_writable(module, prefix)
-            out.append(f"{n} is a {type(t).__name__} ({t.layout}"
-                       f"{', quantized' if t.is_quantized else ''})")
-        elif t.dim() == 0 and shapes(prefix + n) == (1,):
-            out.append(f"{n}: torch loads a 1-element tensor into a 0-dim one")
+    out += [f"post-hook {_hook_name(h)}" for h in post_hooks.values()]
+    if tensors_odd:
+        for n, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is None or n in module._non_persistent_buffers_set and n in module._buffers:
+                continue
+            if nn.parameter.is_lazy(t):
+                out.append(f"{n} is uninitialized (lazy)")
+            elif not _plain_target(t):
+                if _is_dtensor(t):
+                    check_writable(module, prefix)
+                out.append(f"{n} is a {type(t).__name__} ({t.layout}"
+                           f"{', quantized' if t.is_quantized else ''})")
+            elif t.dim() == 0 and shapes(prefix + n) == (1,):
+                out.append(f"{n}: torch loads a 1-element tensor into a 0-dim one")
     return out
 
 
 def find_native(model: nn.Module, names: set[str], metadata: Any,
                 shapes: Callable[[str], tuple[int, ...] | None] = lambda n: None,
-                ) -> list[NativeGroup]:
+                odd: Iterable[str] | None = None) -> list[NativeGroup]:
     """The topmost modules whose loading is not plain copies, with the reasons.
 
     ``names`` are the model names the checkpoint provides (after mapping), ``metadata`` the
     file's ``_metadata`` (module path -> {"version": ...}) or None, ``shapes`` the checkpoint
-    shape for a model name.
+    shape for a model name, ``odd`` the model tensor names that are not plain dense tensors or
+    are 0-dim (None: check every module's tensors).
     """
     groups: list[NativeGroup] = []
+    odd_modules = None if odd is None else {n.rpartition(".")[0] for n in odd}
 
     def visit(module: nn.Module, prefix: str) -> None:
-        reasons = _reasons(module, prefix, names, metadata, shapes)
+        tensors_odd = odd_modules is None or prefix[:-1] in odd_modules
+        reasons = _reasons(module, prefix, names, metadata, shapes, tensors_odd)
         if reasons:
             groups.append(NativeGroup(prefix, module, reasons, metadata))
             return

@@ -40,7 +40,7 @@ MISMATCH_MODES = (None, "error", "skip")
 DEFAULT_MISMATCH = None
 
 #: Below this loaded fraction ``tg.load`` warns (``min_loaded=`` turns it into an error).
-LOW_LOAD_WARNING = 0.5
+LOW_LOAD_WARNING = 0.9
 
 
 @dataclass(slots=True)
@@ -52,6 +52,7 @@ class Slot:
     group: int  # equal for names that share one tensor (tied weights)
     shape: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32
+    plain: bool = True  # a dense strided torch.Tensor / Parameter that bytes can be copied into
 
 
 @dataclass(slots=True)
@@ -76,17 +77,27 @@ def model_slots(model: torch.nn.Module) -> dict[str, Slot]:
     slots: dict[str, Slot] = {}
     groups: dict[int, int] = {}
     shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one shared tuple per distinct shape
-    tensor = torch.Tensor
+    tensor, param, strided = torch.Tensor, torch.nn.Parameter, torch.strided
     is_lazy = torch.nn.parameter.is_lazy
     for name, value in model.state_dict(keep_vars=True).items():
-        if isinstance(value, tensor) and not (type(value) is not tensor and is_lazy(value)):
-            key = id(value)
-            gid = groups.get(key)
-            if gid is None:
-                gid = groups[key] = len(groups)
-            shape = tuple(value.shape)
-            slots[name] = Slot(name, value, gid, shapes.setdefault(shape, shape), value.dtype)
+        kind = type(value)
+        if kind is param or kind is tensor:
+            plain = value.layout is strided and value.dtype not in _QUANTIZED
+        elif isinstance(value, tensor) and not is_lazy(value):
+            plain = False
+        else:
+            continue
+        key = id(value)
+        gid = groups.get(key)
+        if gid is None:
+            gid = groups[key] = len(groups)
+        shape = tuple(value.shape)
+        slots[name] = Slot(name, value, gid, shapes.setdefault(shape, shape), value.dtype,
+                           plain and not value.is_nested)
     return slots
+
+
+_QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {}

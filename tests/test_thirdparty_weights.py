@@ -612,13 +612,6 @@ def test_silero_torchscript_weights_read_like_torch(unpacked: Callable[[Pin], Pa
         assert same_tensor(state[name], tensor), name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torchgraft bug (issue 13, section 1): tg.read(silero_vad.jit) gives the 30 tensors of "
-    "torch.jit.load(path).state_dict() bit for bit, plus '_state' and '_context': plain Tensor "
-    "attributes of the scripted VADRNNJITMerge (its code/__torch__/vad/model/vad_annotator.py "
-    "declares `__parameters__ = []`, `__buffers__ = []`, `_state : Tensor`), which torch's "
-    "state_dict() leaves out. torchscript_state (formats/archives.py) takes every tensor attribute; "
-    "it should keep only each class's __parameters__ and __buffers__"))
 def test_silero_torchscript_gives_its_weights_or_says_torchscript(
         unpacked: Callable[[Pin], Path]) -> None:
     path = unpacked(SILERO) / "silero_vad" / "data" / "silero_vad.jit"

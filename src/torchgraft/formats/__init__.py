@@ -19,7 +19,7 @@ import torch
 from ..errors import CheckpointNotFoundError, ReadError, UnsupportedFormatError
 from ..tensors import MemoryRef
 from . import tensor_kinds
-from .archives import describe_pt2, open_pt2, torchscript_state
+from .archives import describe_pt2, open_pt2, torchscript_declarations, torchscript_state
 from .base import Checkpoint, Format, register_format, registered_formats
 from .folder import open_folder
 from .numpy_files import NpzFormat, PickleFormat, arrays_to_refs
@@ -97,7 +97,9 @@ def _open_with(fmt: Format, path: Path, trust: bool) -> Checkpoint:
             raise
     if tensor_kinds.UNSUPPORTED_MADE != made:
         tensor_kinds.raise_unsupported(ckpt.root, ckpt.name)
-    state = torchscript_state(ckpt.root)
+    state = None
+    if getattr(ckpt.root, "qualname", "").startswith("__torch__."):
+        state = torchscript_state(ckpt.root, torchscript_declarations(path))
     if state is not None:
         ckpt.notes.append(f"TorchScript archive ({ckpt.root.qualname}): read the weights of its "
                           "modules, as torch.jit.load(...).state_dict() gives them; its code was "

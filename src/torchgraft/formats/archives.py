@@ -18,8 +18,11 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,26 +38,76 @@ from .unpickler import Placeholder
 _TS_PREFIX = "__torch__."
 
 
-def torchscript_state(root: Any) -> dict[str, TensorRef] | None:
-    """The state dict of a TorchScript module placeholder tree, or None if ``root`` is not one."""
+Declared = Callable[[str], "set[str] | None"]
+
+
+def torchscript_state(root: Any, declared: Declared | None = None) -> dict[str, TensorRef] | None:
+    """The state dict of a TorchScript module placeholder tree, or None if ``root`` is not one.
+
+    ``declared(qualname)`` gives a class's ``__parameters__`` + ``__buffers__`` (from the
+    archive's ``code/`` files): other tensor attributes are not in ``state_dict()``.
+    """
     if not isinstance(root, Placeholder) or not root.qualname.startswith(_TS_PREFIX):
         return None
     out: dict[str, TensorRef] = {}
-    _collect(root, "", out, 0)
+    _collect(root, "", out, 0, declared or (lambda q: None))
     return out
 
 
-def _collect(obj: Placeholder, prefix: str, out: dict[str, TensorRef], depth: int) -> None:
+def _collect(obj: Placeholder, prefix: str, out: dict[str, TensorRef], depth: int,
+             declared: Declared) -> None:
     state = obj.state
     if depth > 200 or not isinstance(state, dict):
         return
+    keep = declared(obj.qualname)
     for name, value in state.items():
         if not isinstance(name, str):
             continue
         if isinstance(value, TensorRef):
-            out[prefix + name] = value
+            if keep is None or name in keep:
+                out[prefix + name] = value
         elif isinstance(value, Placeholder) and value.qualname.startswith(_TS_PREFIX):
-            _collect(value, f"{prefix}{name}.", out, depth + 1)
+            _collect(value, f"{prefix}{name}.", out, depth + 1, declared)
+
+
+_DECL = re.compile(r"^  (__parameters__|__buffers__) = (\[.*\])\s*$", re.MULTILINE)
+
+
+def torchscript_declarations(path: Path) -> Declared:
+    """``qualname -> set of parameter and buffer names`` read from a TorchScript archive's
+    ``code/`` files (parsed as data, never run); None when a class cannot be found."""
+    cache: dict[str, set[str] | None] = {}
+    try:
+        zf = zipfile.ZipFile(path)
+        names = {n.split("/code/", 1)[1]: n for n in zf.namelist() if "/code/" in n}
+    except Exception:  # not readable through zipfile: keep every tensor attribute
+        return lambda q: None
+
+    def declared(qualname: str) -> set[str] | None:
+        if qualname in cache:
+            return cache[qualname]
+        module, _, cls = qualname.rpartition(".")
+        member = names.get(module.replace(".", "/") + ".py")
+        found: set[str] | None = None
+        if member is not None:
+            info = zf.getinfo(member)
+            if info.file_size <= LIMITS.max_header_bytes:
+                text = zf.read(member).decode("utf-8", "replace")
+                start = re.search(rf"^class {re.escape(cls)}\(", text, re.MULTILINE)
+                if start:
+                    nxt = re.search(r"^class ", text[start.end():], re.MULTILINE)
+                    body = text[start.end(): start.end() + nxt.start() if nxt else len(text)]
+                    found = set()
+                    for _, listing in _DECL.findall(body):
+                        try:
+                            items = ast.literal_eval(listing)
+                        except (ValueError, SyntaxError):
+                            return None
+                        found |= {i for i in items if isinstance(i, str)}
+        cache[qualname] = found
+        return found
+
+    return declared
 
 
 def _pt2_members(path: Path) -> dict[str, zipfile.ZipInfo] | None:

@@ -177,8 +177,14 @@ class LoadOptions:
     min_loaded: float | None = None
     hooks: bool = True
     filter: Any = None
+    adapt: Any = "auto"
 
     def __post_init__(self) -> None:
+        a = self.adapt
+        if not (a in ("auto", True, False) or (isinstance(a, (list, tuple, set, frozenset))
+                                               and all(isinstance(n, str) for n in a))):
+            raise OptionError(f"adapt={a!r}: expected 'auto' (default), False, or a list of "
+                              "adapter names (torchgraft.transforms.registered_adapters())")
         for name in ("auto", "strict", "trust", "timm_filter", "hooks"):
             value = getattr(self, name)
             if not isinstance(value, bool):
@@ -204,7 +210,9 @@ class LoadOptions:
                 "trust": self.trust, "timm_filter": self.timm_filter,
                 "min_loaded": self.min_loaded, "hooks": self.hooks,
                 "filter": self.filter if self.filter is None or isinstance(self.filter, str)
-                else getattr(self.filter, "__name__", repr(self.filter))}
+                else getattr(self.filter, "__name__", repr(self.filter)),
+                "adapt": sorted(self.adapt) if isinstance(self.adapt, (set, frozenset))
+                else self.adapt}
 
 
 def _check_model(model: Any, source: Any) -> None:
@@ -220,7 +228,7 @@ def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
          mismatch: str | None = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
          timm_filter: bool = False, min_loaded: float | None = None,
-         hooks: bool = True, filter: Any = None) -> LoadReport:
+         hooks: bool = True, filter: Any = None, adapt: Any = "auto") -> LoadReport:
     """Dry run: the report ``load`` would give, without touching the model.
 
     A plan that ``load`` would refuse is returned with ``ok=False`` and ``error`` set, instead of
@@ -235,10 +243,48 @@ def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
     """
     _check_model(model, source)
     opts = LoadOptions(select, prefix, rename, auto, mismatch, strict, trust, timm_filter,
-                       min_loaded, hooks, filter)
+                       min_loaded, hooks, filter, adapt)
     with gc_paused():
         planned = _plan(model, source, opts)
     return planned.report
+
+
+def _adapter(model: torch.nn.Module, opts: LoadOptions, rules: Any) -> Any:
+    """The plan's ``adapt`` callback for these options (None: ``adapt=False``)."""
+    if opts.adapt is False:
+        return None
+    from .transforms import TransformRef, propose, role_of
+
+    wanted = None if opts.adapt in ("auto", True) else set(opts.adapt)
+    roles: dict[str, str] | None = None
+
+    def enabled(adapter: Any) -> bool:
+        return adapter.default if wanted is None else adapter.name in wanted
+
+    def adapt(name: str, ref: TensorRef, slot: Slot) -> TensorRef | None:
+        nonlocal roles
+        if roles is None:  # only when some tensor does not fit
+            roles = (rules.roles() if rules.roles else {}) or _structural_roles(model)
+        found = propose(name, role_of(name, roles), ref.shape, slot.shape, enabled)
+        if not found:
+            return None
+        if len({tuple(op.describe() for op in p.ops) for p in found}) > 1:
+            raise UnsupportedTargetError(
+                f"{name}: adapters {[p.adapter for p in found]} propose different transforms "
+                f"for checkpoint {list(ref.shape)} -> model {list(slot.shape)}; pass adapt=[name] "
+                "to choose one, or adapt=False")
+        return TransformRef(ref, found[0].ops, found[0].adapter)
+
+    return adapt
+
+
+def _structural_roles(model: torch.nn.Module) -> dict[str, str]:
+    """Roles from structure when the framework gives none: the first convolution is the input
+    layer."""
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            return {f"{path}.": "first_conv"}
+    return {}
 
 
 def _filtered(model: torch.nn.Module, cand: Candidate, fn: Any) -> Candidate:
@@ -313,7 +359,7 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
 
         for group in groups:
             native_entries += plan_group(group, tolerate)
-    p = make_plan(slots, refs, names, opts.mismatch, classifiers)
+    p = make_plan(slots, refs, names, opts.mismatch, classifiers, _adapter(model, opts, rules))
     tolerated |= p.tolerated
     entries = _merge(p.entries, native_entries, groups) if groups else p.entries
     report = LoadReport(
@@ -505,7 +551,7 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
          mismatch: str | None = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
          timm_filter: bool = False, min_loaded: float | None = None, hooks: bool = True,
-         filter: Any = None, progress: bool | None = None) -> LoadReport:
+         filter: Any = None, adapt: Any = "auto", progress: bool | None = None) -> LoadReport:
     """Load ``source`` into ``model`` all-or-nothing and return the report.
 
     The model ends up exactly as ``model.load_state_dict(mapped, strict=False)`` would leave it
@@ -530,7 +576,7 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
     """
     _check_model(model, source)
     opts = LoadOptions(select, prefix, rename, auto, mismatch, strict, trust, timm_filter,
-                       min_loaded, hooks, filter)
+                       min_loaded, hooks, filter, adapt)
     if progress is not None and not isinstance(progress, bool):
         raise OptionError(f"progress={progress!r}: expected True, False or None")
     with gc_paused():

@@ -1,0 +1,179 @@
+"""The transform step of a plan: tensors computed from checkpoint tensors, and the adapters
+that propose them.
+
+A planned copy normally moves one checkpoint tensor's bytes into one model tensor. When an
+*adapter* recognises that a checkpoint tensor has the right role but the wrong shape (the first
+conv of a model built for 1-channel input, ...), the plan copies a :class:`TransformRef`
+instead: the source reference plus a chain of :class:`Op` (reshape, transpose, slice, resample,
+channel adapt, row gather...). Nothing is computed while planning except shapes (on the meta
+device); the ops run at apply time on the source's values, and the report lists the tensor as
+``adapted`` with the adapter, both shapes and the ops' parameters.
+
+Adapters are a registry (:func:`register_adapter`). An adapter sees the model tensor's name, its
+role (from the framework's own metadata, see :mod:`torchgraft.rules`), the checkpoint and model
+shapes, and returns ops or None. Two adapters proposing different ops for one tensor is an
+error, never a silent choice.
+
+Example:
+    >>> import torch
+    >>> from torchgraft.tensors import MemoryRef
+    >>> ref = TransformRef(MemoryRef(torch.ones(8, 3, 3, 3)), [adapt_channels(3, 1)])
+    >>> ref.shape, float(ref.materialize()[0, 0, 0, 0])
+    ((8, 1, 3, 3), 3.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .tensors import TensorRef
+
+
+@dataclass(frozen=True)
+class Op:
+    """One tensor operation of a transform chain; ``params`` are shown in the report."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.name}({args})"
+
+
+class TransformRef(TensorRef):
+    """A tensor computed from ``source`` by ``ops``, lazily (shape and dtype from a meta run)."""
+
+    def __init__(self, source: TensorRef, ops: list[Op], adapter: str = "") -> None:
+        self.source = source
+        self.ops = list(ops)
+        self.adapter = adapter
+        probe = torch.empty(source.shape, dtype=source.dtype, device="meta")
+        for op in self.ops:
+            probe = op.fn(probe)
+        self.shape = tuple(probe.shape)
+        self.dtype = probe.dtype
+
+    def alias_key(self) -> Any:
+        return ("transform", self.source.alias_key(), tuple(op.describe() for op in self.ops))
+
+    def materialize(self) -> torch.Tensor:
+        value = self.source.materialize()
+        for op in self.ops:
+            value = op.fn(value)
+        return value
+
+    def describe(self) -> str:
+        return " -> ".join(op.describe() for op in self.ops)
+
+
+# --- ops -------------------------------------------------------------------------------------
+
+
+def adapt_channels(src: int, dst: int, dim: int = 1) -> Op:
+    """Input channels ``src -> dst`` of a first conv / patch embedding (weight dim ``dim``).
+
+    To 1 channel: the sum over the source channels (a grey image replicated to ``src`` channels
+    gives the same features). From 1 channel: repeated and divided by ``dst``. Otherwise: the
+    source channels repeated cyclically to ``dst`` and scaled by ``src / dst``, so a constant
+    input produces the same pre-activation. Computed in float32, returned in the source dtype.
+    """
+
+    def fn(w: torch.Tensor) -> torch.Tensor:
+        if w.is_meta:
+            shape = list(w.shape)
+            shape[dim] = dst
+            return torch.empty(shape, dtype=w.dtype, device="meta")
+        x = w.float()
+        if dst == 1:
+            out = x.sum(dim=dim, keepdim=True)
+        else:
+            reps = math.ceil(dst / src)
+            out = torch.cat([x] * reps, dim=dim).narrow(dim, 0, dst) * (src / dst)
+        return out.to(w.dtype)
+
+    how = "sum" if dst == 1 else "repeat and scale"
+    return Op("adapt_channels", fn, {"from": src, "to": dst, "how": how})
+
+
+# --- adapters --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """An adapter's answer for one tensor."""
+
+    adapter: str
+    ops: list[Op]
+
+
+class Adapter(Protocol):
+    """Proposes ops that turn a checkpoint tensor into a model tensor of another shape."""
+
+    name: str
+    roles: tuple[str, ...]  # roles it handles ("first_conv", "classifier", ...)
+    default: bool  # applied under adapt="auto" (else only when asked for by name)
+
+    def propose(self, name: str, role: str | None, src_shape: tuple[int, ...],
+                dst_shape: tuple[int, ...]) -> list[Op] | None: ...
+
+
+class InputChannels:
+    """The first conv / patch embedding: a different number of input channels."""
+
+    name = "input_channels"
+    roles = ("first_conv",)
+    default = True
+
+    def propose(self, name: str, role: str | None, src_shape: tuple[int, ...],
+                dst_shape: tuple[int, ...]) -> list[Op] | None:
+        if role != "first_conv" or not name.endswith("weight") or len(src_shape) < 3:
+            return None
+        if len(src_shape) != len(dst_shape) or src_shape[0] != dst_shape[0]:
+            return None
+        if src_shape[2:] != dst_shape[2:] or src_shape[1] == dst_shape[1]:
+            return None
+        return [adapt_channels(src_shape[1], dst_shape[1])]
+
+
+_ADAPTERS: list[Adapter] = [InputChannels()]
+
+
+def register_adapter(adapter: Adapter, first: bool = True) -> None:
+    """Add an adapter (``first=True``: asked before the built-in ones)."""
+    if first:
+        _ADAPTERS.insert(0, adapter)
+    else:
+        _ADAPTERS.append(adapter)
+
+
+def registered_adapters() -> list[Adapter]:
+    return list(_ADAPTERS)
+
+
+def propose(name: str, role: str | None, src_shape: tuple[int, ...],
+            dst_shape: tuple[int, ...], enabled: Callable[[Adapter], bool]) -> list[Proposal]:
+    """Every enabled adapter's proposal for one tensor (more than one: the caller refuses)."""
+    out = []
+    for adapter in _ADAPTERS:
+        if not enabled(adapter):
+            continue
+        ops = adapter.propose(name, role, src_shape, dst_shape)
+        if ops:
+            out.append(Proposal(adapter.name, ops))
+    return out
+
+
+def role_of(name: str, roles: dict[str, str]) -> str | None:
+    """The role of model tensor ``name`` from ``{prefix: role}`` (longest prefix wins)."""
+    best = None
+    for prefix, role in roles.items():
+        if name.startswith(prefix) and (best is None or len(prefix) > len(best[0])):
+            best = (prefix, role)
+    return best[1] if best else None

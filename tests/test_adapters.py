@@ -1,0 +1,70 @@
+"""The transform step and the first adapter (input channels), against timm's own function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchgraft as tg
+from torchgraft.tensors import MemoryRef
+from torchgraft.transforms import TransformRef, adapt_channels, registered_adapters
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.mark.parametrize("chans", [1, 2, 4, 7])
+def test_input_channels_match_timm_adapt_input_conv(chans: int) -> None:
+    from timm.models import adapt_input_conv
+
+    src = timm.create_model("resnet18", pretrained=False)
+    model = timm.create_model("resnet18", pretrained=False, in_chans=chans)
+    report = tg.load(model, src.state_dict())
+    assert torch.equal(model.conv1.weight.detach(), adapt_input_conv(chans,
+                                                                     src.conv1.weight.detach()))
+    (entry,) = report.by_action("adapted")
+    assert entry.target == "conv1.weight" and entry.source_shape == (64, 3, 7, 7)
+    assert entry.target_shape == (64, chans, 7, 7) and "input_channels" in entry.reason
+    assert report.loaded_fraction == 1.0 and "adapted (1):" in str(report)
+
+
+def test_grey_model_sees_what_the_rgb_model_sees_on_a_grey_image() -> None:
+    src = timm.create_model("resnet18", pretrained=False).eval()
+    grey = timm.create_model("resnet18", pretrained=False, in_chans=1).eval()
+    tg.load(grey, src.state_dict())
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(grey(x), src(x.expand(-1, 3, -1, -1)), atol=1e-4)
+
+
+def test_structural_role_without_framework_metadata() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    src = torchvision.models.resnet18()
+    model = torchvision.models.resnet18()
+    model.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    report = tg.load(model, src.state_dict())
+    assert torch.equal(model.conv1.weight, src.conv1.weight.sum(1, keepdim=True))
+    assert [e.target for e in report.by_action("adapted")] == ["conv1.weight"]
+
+
+def test_only_the_input_layer_is_adapted_and_adapt_false_restores_errors() -> None:
+    src = timm.create_model("resnet18", pretrained=False)
+    sd = dict(src.state_dict())
+    sd["layer1.0.conv1.weight"] = torch.randn(64, 32, 3, 3)  # an inner conv of another width
+    with pytest.raises(tg.ShapeMismatchError, match="layer1.0.conv1.weight"):
+        tg.load(timm.create_model("resnet18", pretrained=False), sd)
+    model = timm.create_model("resnet18", pretrained=False, in_chans=1)
+    before = model.conv1.weight.detach().clone()
+    with pytest.raises(tg.ShapeMismatchError, match="conv1.weight"):
+        tg.load(model, src.state_dict(), adapt=False)
+    assert torch.equal(model.conv1.weight, before)
+    with pytest.raises(tg.OptionError, match="adapt="):
+        tg.load(model, src.state_dict(), adapt="yes")
+
+
+def test_transform_ref_is_lazy_and_typed() -> None:
+    w = torch.randn(8, 3, 3, 3, dtype=torch.bfloat16)
+    ref = TransformRef(MemoryRef(w), [adapt_channels(3, 1)], "input_channels")
+    assert ref.shape == (8, 1, 3, 3) and ref.dtype == torch.bfloat16
+    expected = w.float().sum(1, keepdim=True).to(torch.bfloat16)  # computed in float32
+    assert torch.equal(ref.materialize(), expected)
+    assert "input_channels" in [a.name for a in registered_adapters()]

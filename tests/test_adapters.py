@@ -68,3 +68,35 @@ def test_transform_ref_is_lazy_and_typed() -> None:
     expected = w.float().sum(1, keepdim=True).to(torch.bfloat16)  # computed in float32
     assert torch.equal(ref.materialize(), expected)
     assert "input_channels" in [a.name for a in registered_adapters()]
+
+
+def test_labels_subset_offset_and_permutation_give_those_logits() -> None:
+    src = timm.create_model("resnet18", pretrained=False).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = src(x)
+    cases = [([3, 17, 250, 999, 0, 5, 6, 7, 8, 9], 10), (1, 999),
+             (list(reversed(range(1000))), 1000)]
+    for labels, n in cases:
+        model = timm.create_model("resnet18", pretrained=False, num_classes=n).eval()
+        report = tg.load(model, src.state_dict(), labels=labels)
+        rows = list(range(1, 1000)) if labels == 1 else labels
+        assert torch.equal(model.fc.weight, src.fc.weight[rows])  # exactly those rows
+        assert torch.equal(model.fc.bias, src.fc.bias[rows])
+        with torch.no_grad():  # the same logits (up to GEMM blocking of a smaller matrix)
+            assert torch.allclose(model(x), logits[:, rows], atol=1e-5)
+        assert sorted(e.target for e in report.by_action("adapted")) == ["fc.bias", "fc.weight"]
+
+
+def test_bad_labels_are_errors_before_any_write() -> None:
+    src = timm.create_model("resnet18", pretrained=False)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    before = model.fc.weight.detach().clone()
+    for labels, match in (([1, 2], "10 classes"), ([1000] * 10, "outside"), (995, "offset"),
+                          ("cats", "labels=")):
+        with pytest.raises(tg.OptionError, match=match):
+            tg.load(model, src.state_dict(), labels=labels)
+    assert torch.equal(model.fc.weight, before)
+    with pytest.raises(tg.OptionError, match="classifier"):
+        tg.load(torch.nn.Sequential(torch.nn.Linear(4, 2)),
+                torch.nn.Sequential(torch.nn.Linear(4, 5)).state_dict(), labels=[0, 1])

@@ -178,8 +178,15 @@ class LoadOptions:
     hooks: bool = True
     filter: Any = None
     adapt: Any = "auto"
+    labels: Any = None
 
     def __post_init__(self) -> None:
+        lab = self.labels
+        if lab is not None and not (
+                (isinstance(lab, int) and not isinstance(lab, bool))
+                or (hasattr(lab, "__len__") and not isinstance(lab, (str, bytes)))):
+            raise OptionError(f"labels={lab!r}: expected a list of checkpoint class indices "
+                              "(one per model class) or an int offset")
         a = self.adapt
         if not (a in ("auto", True, False) or (isinstance(a, (list, tuple, set, frozenset))
                                                and all(isinstance(n, str) for n in a))):
@@ -212,7 +219,9 @@ class LoadOptions:
                 "filter": self.filter if self.filter is None or isinstance(self.filter, str)
                 else getattr(self.filter, "__name__", repr(self.filter)),
                 "adapt": sorted(self.adapt) if isinstance(self.adapt, (set, frozenset))
-                else self.adapt}
+                else self.adapt,
+                "labels": self.labels if self.labels is None or isinstance(self.labels, int)
+                else f"{len(self.labels)} class indices"}
 
 
 def _check_model(model: Any, source: Any) -> None:
@@ -228,7 +237,8 @@ def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
          mismatch: str | None = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
          timm_filter: bool = False, min_loaded: float | None = None,
-         hooks: bool = True, filter: Any = None, adapt: Any = "auto") -> LoadReport:
+         hooks: bool = True, filter: Any = None, adapt: Any = "auto",
+         labels: Any = None) -> LoadReport:
     """Dry run: the report ``load`` would give, without touching the model.
 
     A plan that ``load`` would refuse is returned with ``ok=False`` and ``error`` set, instead of
@@ -243,7 +253,7 @@ def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
     """
     _check_model(model, source)
     opts = LoadOptions(select, prefix, rename, auto, mismatch, strict, trust, timm_filter,
-                       min_loaded, hooks, filter, adapt)
+                       min_loaded, hooks, filter, adapt, labels)
     with gc_paused():
         planned = _plan(model, source, opts)
     return planned.report
@@ -253,19 +263,28 @@ def _adapter(model: torch.nn.Module, opts: LoadOptions, rules: Any) -> Any:
     """The plan's ``adapt`` callback for these options (None: ``adapt=False``)."""
     if opts.adapt is False:
         return None
-    from .transforms import TransformRef, propose, role_of
+    from .transforms import ClassifierRows, TransformRef, propose, role_of
 
     wanted = None if opts.adapt in ("auto", True) else set(opts.adapt)
     roles: dict[str, str] | None = None
+    extra = [ClassifierRows(opts.labels)] if opts.labels is not None else []
 
     def enabled(adapter: Any) -> bool:
         return adapter.default if wanted is None else adapter.name in wanted
 
-    def adapt(name: str, ref: TensorRef, slot: Slot) -> TensorRef | None:
+    def get_roles() -> dict[str, str]:
         nonlocal roles
-        if roles is None:  # only when some tensor does not fit
+        if roles is None:  # only when some tensor does not fit, or labels= is given
             roles = (rules.roles() if rules.roles else {}) or _structural_roles(model)
-        found = propose(name, role_of(name, roles), ref.shape, slot.shape, enabled)
+            if extra and "classifier" not in roles.values():
+                raise OptionError(
+                    "labels= needs the model's classifier, and this model's framework does not "
+                    "name one (timm: pretrained_cfg['classifier']); pass adapt=False and rename= "
+                    "instead, or a model that declares its classifier")
+        return roles
+
+    def adapt(name: str, ref: TensorRef, slot: Slot) -> TensorRef | None:
+        found = propose(name, role_of(name, get_roles()), ref.shape, slot.shape, enabled, extra)
         if not found:
             return None
         if len({tuple(op.describe() for op in p.ops) for p in found}) > 1:
@@ -275,6 +294,7 @@ def _adapter(model: torch.nn.Module, opts: LoadOptions, rules: Any) -> Any:
                 "to choose one, or adapt=False")
         return TransformRef(ref, found[0].ops, found[0].adapter)
 
+    adapt.forced = (lambda name: role_of(name, get_roles()) == "classifier") if extra else None
     return adapt
 
 
@@ -551,7 +571,8 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
          mismatch: str | None = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
          timm_filter: bool = False, min_loaded: float | None = None, hooks: bool = True,
-         filter: Any = None, adapt: Any = "auto", progress: bool | None = None) -> LoadReport:
+         filter: Any = None, adapt: Any = "auto", labels: Any = None,
+         progress: bool | None = None) -> LoadReport:
     """Load ``source`` into ``model`` all-or-nothing and return the report.
 
     The model ends up exactly as ``model.load_state_dict(mapped, strict=False)`` would leave it
@@ -576,7 +597,7 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
     """
     _check_model(model, source)
     opts = LoadOptions(select, prefix, rename, auto, mismatch, strict, trust, timm_filter,
-                       min_loaded, hooks, filter, adapt)
+                       min_loaded, hooks, filter, adapt, labels)
     if progress is not None and not isinstance(progress, bool):
         raise OptionError(f"progress={progress!r}: expected True, False or None")
     with gc_paused():

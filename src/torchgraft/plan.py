@@ -145,6 +145,7 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
                 group_source[slot.group] = name
     # pass 2: one entry per model tensor, in the model's order
     copies: dict[int, Copy] = {}
+    forced = getattr(adapt, "forced", None)  # names adapted even when the shape fits
     used: set[str] = set()
     why_of = names.why
     entries = plan.entries
@@ -169,7 +170,8 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
         used.add(src)
         why_list = why_of.get(src) if why_of else None
         why = "; ".join(why_list) if why_list else ""
-        if ref.shape != tshape and adapt is not None:
+        if adapt is not None and (ref.shape != tshape or (
+                forced is not None and forced(name))):
             computed = adapt(name, ref, slot)
             if computed is not None:
                 how = getattr(computed, "describe", lambda: "")()

@@ -142,6 +142,58 @@ class InputChannels:
         return [adapt_channels(src_shape[1], dst_shape[1])]
 
 
+def gather_rows(index: list[int]) -> Op:
+    """Rows ``index`` of dim 0 (a classifier's weight or bias: one row per class)."""
+    idx = torch.tensor(index, dtype=torch.long)
+
+    def fn(w: torch.Tensor) -> torch.Tensor:
+        if w.is_meta:
+            return torch.empty((len(index),) + tuple(w.shape[1:]), dtype=w.dtype, device="meta")
+        return w.index_select(0, idx)
+
+    shown = (f"{index[:4]}... ({len(index)} rows)" if len(index) > 4 else str(index))
+    return Op("gather_rows", fn, {"rows": shown})
+
+
+class ClassifierRows:
+    """``labels=``: the classifier's rows for a subset, a reordering or an offset of the
+    checkpoint's classes (one source class index per model class, or an int offset such as 1
+    for a 1001-class checkpoint with a background class into a 1000-class model)."""
+
+    name = "classifier_rows"
+    roles = ("classifier",)
+    default = False
+
+    def __init__(self, labels: Any) -> None:
+        self.labels = labels
+
+    def rows(self, n_src: int, n_dst: int, name: str) -> list[int]:
+        from .errors import OptionError
+
+        labels = self.labels
+        if isinstance(labels, int) and not isinstance(labels, bool):
+            if labels < 0 or labels + n_dst > n_src:
+                raise OptionError(
+                    f"labels={labels}: {name} has {n_src} checkpoint rows; offset {labels} "
+                    f"with {n_dst} model classes needs {labels + n_dst}")
+            return list(range(labels, labels + n_dst))
+        index = [int(i) for i in labels]
+        if len(index) != n_dst:
+            raise OptionError(f"labels= has {len(index)} entries but {name} has {n_dst} classes "
+                              "(one checkpoint class index per model class)")
+        bad = [i for i in index if not 0 <= i < n_src]
+        if bad:
+            raise OptionError(f"labels= has indices {bad[:5]} outside the checkpoint's {n_src} "
+                              f"classes of {name}")
+        return index
+
+    def propose(self, name: str, role: str | None, src_shape: tuple[int, ...],
+                dst_shape: tuple[int, ...]) -> list[Op] | None:
+        if role != "classifier" or not src_shape or src_shape[1:] != dst_shape[1:]:
+            return None
+        return [gather_rows(self.rows(src_shape[0], dst_shape[0], name))]
+
+
 _ADAPTERS: list[Adapter] = [InputChannels()]
 
 
@@ -158,12 +210,12 @@ def registered_adapters() -> list[Adapter]:
 
 
 def propose(name: str, role: str | None, src_shape: tuple[int, ...],
-            dst_shape: tuple[int, ...], enabled: Callable[[Adapter], bool]) -> list[Proposal]:
-    """Every enabled adapter's proposal for one tensor (more than one: the caller refuses)."""
+            dst_shape: tuple[int, ...], enabled: Callable[[Adapter], bool],
+            extra: list[Adapter] = ()) -> list[Proposal]:
+    """Every enabled adapter's proposal for one tensor (more than one: the caller refuses);
+    ``extra`` adapters (built for this load's options, e.g. ``labels=``) are always asked."""
     out = []
-    for adapter in _ADAPTERS:
-        if not enabled(adapter):
-            continue
+    for adapter in list(extra) + [a for a in _ADAPTERS if enabled(a)]:
         ops = adapter.propose(name, role, src_shape, dst_shape)
         if ops:
             out.append(Proposal(adapter.name, ops))

@@ -100,3 +100,35 @@ def test_bad_labels_are_errors_before_any_write() -> None:
     with pytest.raises(tg.OptionError, match="classifier"):
         tg.load(torch.nn.Sequential(torch.nn.Linear(4, 2)),
                 torch.nn.Sequential(torch.nn.Linear(4, 5)).state_dict(), labels=[0, 1])
+
+
+@pytest.mark.parametrize("kwargs,grid,prefix", [
+    ({"img_size": 384}, (24, 24), 1),
+    ({"img_size": (224, 320)}, (14, 20), 1),
+    ({"img_size": 256, "reg_tokens": 4, "no_embed_class": True}, (16, 16), 0),
+    ({"img_size": 288, "class_token": False, "global_pool": "avg"}, (18, 18), 0),
+])
+def test_position_embedding_matches_timm_resample(kwargs: dict, grid: tuple, prefix: int) -> None:
+    from timm.layers import resample_abs_pos_embed
+
+    base = {k: v for k, v in kwargs.items() if k != "img_size"}
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, **base)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    report = tg.load(model, src.state_dict())
+    expected = resample_abs_pos_embed(src.pos_embed.detach(), new_size=grid,
+                                      num_prefix_tokens=prefix)
+    assert torch.equal(model.pos_embed.detach(), expected)
+    (entry,) = report.by_action("adapted")
+    assert entry.target == "pos_embed" and entry.target_shape == tuple(expected.shape)
+    assert f"to={grid[0]}x{grid[1]}" in entry.reason and f"prefix_tokens={prefix}" in entry.reason
+
+
+def test_position_embedding_non_square_source_is_refused() -> None:
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(224, 320))
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=384)
+    before = model.pos_embed.detach().clone()
+    with pytest.raises(tg.UnsupportedTargetError, match="ambiguous"):
+        tg.load(model, src.state_dict())
+    assert torch.equal(model.pos_embed, before)
+    with pytest.raises(tg.ShapeMismatchError, match="pos_embed"):
+        tg.load(model, src.state_dict(), adapt=False)

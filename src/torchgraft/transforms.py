@@ -133,7 +133,7 @@ class InputChannels:
 
     def propose(self, name: str, role: str | None, src_shape: tuple[int, ...],
                 dst_shape: tuple[int, ...]) -> list[Op] | None:
-        if role != "first_conv" or not name.endswith("weight") or len(src_shape) < 3:
+        if kind_of(role) != "first_conv" or not name.endswith("weight") or len(src_shape) < 3:
             return None
         if len(src_shape) != len(dst_shape) or src_shape[0] != dst_shape[0]:
             return None
@@ -189,12 +189,80 @@ class ClassifierRows:
 
     def propose(self, name: str, role: str | None, src_shape: tuple[int, ...],
                 dst_shape: tuple[int, ...]) -> list[Op] | None:
-        if role != "classifier" or not src_shape or src_shape[1:] != dst_shape[1:]:
+        if kind_of(role) != "classifier" or not src_shape or src_shape[1:] != dst_shape[1:]:
             return None
         return [gather_rows(self.rows(src_shape[0], dst_shape[0], name))]
 
 
-_ADAPTERS: list[Adapter] = [InputChannels()]
+@dataclass(frozen=True)
+class Role:
+    """A tensor's role with what the framework says about it (``params``)."""
+
+    kind: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.params).get(key, default)
+
+
+def kind_of(role: Any) -> str | None:
+    return getattr(role, "kind", role)
+
+
+def resample_grid(old: tuple[int, int], new: tuple[int, int], prefix: int,
+                  mode: str = "bicubic", antialias: bool = True) -> Op:
+    """An absolute position embedding ``[1, prefix + H*W, C]`` resampled from grid ``old`` to
+    ``new``, keeping the ``prefix`` tokens (class, distillation, registers); in float32."""
+
+    def fn(pe: torch.Tensor) -> torch.Tensor:
+        n_new = prefix + new[0] * new[1]
+        if pe.is_meta:
+            return torch.empty((pe.shape[0], n_new, pe.shape[-1]), dtype=pe.dtype, device="meta")
+        head, grid = pe[:, :prefix], pe[:, prefix:]
+        dim = grid.shape[-1]
+        x = grid.float().reshape(grid.shape[0], old[0], old[1], dim).permute(0, 3, 1, 2)
+        x = torch.nn.functional.interpolate(x, size=new, mode=mode, antialias=antialias)
+        x = x.permute(0, 2, 3, 1).reshape(grid.shape[0], -1, dim).to(pe.dtype)
+        return torch.cat([head, x], dim=1) if prefix else x
+
+    return Op("resample_grid", fn, {"from": f"{old[0]}x{old[1]}", "to": f"{new[0]}x{new[1]}",
+                                    "prefix_tokens": prefix, "mode": mode,
+                                    "antialias": antialias})
+
+
+class PositionEmbedding:
+    """Absolute position embeddings ``[1, prefix + H*W, C]`` to a new grid (resolution or patch
+    size changed). The new grid and the prefix-token count come from the framework (timm's
+    ``patch_embed.grid_size`` and ``num_prefix_tokens``); the old grid must be the only square
+    one that fits the checkpoint, otherwise the load is refused."""
+
+    name = "position_embedding"
+    roles = ("pos_embed",)
+    default = True
+
+    def propose(self, name: str, role: Any, src_shape: tuple[int, ...],
+                dst_shape: tuple[int, ...]) -> list[Op] | None:
+        if kind_of(role) != "pos_embed" or len(src_shape) != 3 or len(dst_shape) != 3:
+            return None
+        if src_shape[0] != dst_shape[0] or src_shape[2] != dst_shape[2]:
+            return None
+        prefix, grid = role.get("prefix_tokens", 0), tuple(role.get("grid", ()))
+        if len(grid) != 2 or dst_shape[1] != prefix + grid[0] * grid[1]:
+            return None
+        n_old = src_shape[1] - prefix
+        side = math.isqrt(max(n_old, 0))
+        if n_old <= 0 or side * side != n_old:
+            from .errors import UnsupportedTargetError
+
+            raise UnsupportedTargetError(
+                f"{name}: the checkpoint's position embedding has {src_shape[1]} tokens; with "
+                f"{prefix} prefix token(s) its {n_old} grid positions are no square grid, so "
+                "the old grid is ambiguous. Resample it yourself, or pass adapt=False to keep "
+                "the shape error")
+        return [resample_grid((side, side), (grid[0], grid[1]), prefix)]
+
+
+_ADAPTERS: list[Adapter] = [InputChannels(), PositionEmbedding()]
 
 
 def register_adapter(adapter: Adapter, first: bool = True) -> None:
@@ -222,10 +290,14 @@ def propose(name: str, role: str | None, src_shape: tuple[int, ...],
     return out
 
 
-def role_of(name: str, roles: dict[str, str]) -> str | None:
-    """The role of model tensor ``name`` from ``{prefix: role}`` (longest prefix wins)."""
+def role_of(name: str, roles: dict[str, Any]) -> Any:
+    """The role of model tensor ``name`` from ``{prefix or exact name: role}`` (an exact name,
+    else the longest prefix ending in ``.``)."""
+    if name in roles:
+        return roles[name]
     best = None
     for prefix, role in roles.items():
-        if name.startswith(prefix) and (best is None or len(prefix) > len(best[0])):
+        if (prefix.endswith(".") and name.startswith(prefix)
+                and (best is None or len(prefix) > len(best[0]))):
             best = (prefix, role)
     return best[1] if best else None

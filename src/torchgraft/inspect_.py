@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -19,12 +20,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .api import read
 from .errors import SelectError
 from .formats import Checkpoint, open_checkpoint
 from .formats.unpickler import Placeholder
+from .limits import LIMITS
 from .report import fold_indices
 from .selection import find_candidates
 from .tensors import TensorRef
@@ -39,6 +42,25 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # --- rendering container values -----------------------------------------------------------------
+#
+# Every walk here is bounded whatever the file: render() by depth and items per level, to_json()
+# by a node budget, _count_tensors() visits each object once and counts toward LIMITS.max_nodes.
+
+JSON_NODES = 20_000  # most values one to_json() call writes before it abbreviates with "..."
+
+
+def _first(items: Any, n: int = 12) -> list:
+    return list(itertools.islice(items, n))
+
+
+def _is_numpy(obj: Any) -> bool:
+    return isinstance(obj, (np.ndarray, np.generic))
+
+
+def _scalar_text(obj: Any) -> str:
+    if type(obj) is int and obj.bit_length() > 64:
+        return f"<int of {obj.bit_length()} bits>"  # repr() of a huge int may refuse
+    return repr(obj)
 
 
 def render(obj: Any, depth: int = 0) -> str:
@@ -49,70 +71,81 @@ def render(obj: Any, depth: int = 0) -> str:
         return "..."
     if isinstance(obj, Placeholder):
         state = obj.state
-        if isinstance(state, dict) and all(isinstance(k, str) for k in state):
-            inner = [f"{k}={render(v, depth + 1)}" for k, v in list(state.items())[:12]]
+        if isinstance(state, dict) and all(isinstance(k, str) for k in _first(state, 1000)):
+            inner = [f"{k}={render(v, depth + 1)}" for k, v in _first(state.items())]
         else:
             inner = [render(a, depth + 1) for a in obj.args[:12]]
             inner += [f"{render(k, depth + 1)}: {render(v, depth + 1)}"
-                      for k, v in list(obj.items.items())[:12]]
+                      for k, v in _first(obj.items.items())]
         return f"{obj.qualname}({', '.join(inner)})"
     if isinstance(obj, dict):
         items = [f"{render(k, depth + 1)}: {render(v, depth + 1)}" for k, v in
-                 list(obj.items())[:12]]
+                 _first(obj.items())]
         return "{" + ", ".join(items) + (", ..." if len(obj) > 12 else "") + "}"
     if isinstance(obj, (list, tuple, set, frozenset)):
-        seq = list(obj)
-        body = ", ".join(render(v, depth + 1) for v in seq[:12]) + (", ..." if len(seq) > 12
-                                                                     else "")
+        body = ", ".join(render(v, depth + 1) for v in _first(obj)) + (", ..." if len(obj) > 12
+                                                                      else "")
         return {list: f"[{body}]", tuple: f"({body})"}.get(type(obj), "{" + body + "}")
-    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):
+    if _is_numpy(obj):
         if getattr(obj, "ndim", 0) == 0 or obj.size <= 12:
             return repr(obj.tolist())
         return f"array{list(obj.shape)} {obj.dtype}"
     if isinstance(obj, bytes):
         return f"<{len(obj)} bytes>"
-    return repr(obj)
+    return _scalar_text(obj)
 
 
-def to_json(obj: Any, depth: int = 0) -> Any:
-    """A JSON-safe copy of a container value (placeholders as ``{"object": name, ...}``)."""
+def to_json(obj: Any, depth: int = 0, _budget: list[int] | None = None) -> Any:
+    """A JSON-safe copy of a container value (placeholders as ``{"object": name, ...}``);
+    at most :data:`JSON_NODES` values, six levels deep, then ``"..."``."""
+    budget = _budget if _budget is not None else [JSON_NODES]
+    budget[0] -= 1
     if isinstance(obj, TensorRef):
         return {"tensor": list(obj.shape), "dtype": dtype_name(obj.dtype)}
-    if depth > 6:
+    if depth > 6 or budget[0] < 0:
         return "..."
     if isinstance(obj, Placeholder):
         out: dict[str, Any] = {"object": obj.qualname, "executed": False}
         if obj.state is not None:
-            out["state"] = to_json(obj.state, depth + 1)
+            out["state"] = to_json(obj.state, depth + 1, budget)
         if obj.args:
-            out["args"] = to_json(list(obj.args), depth + 1)
+            out["args"] = to_json(list(obj.args), depth + 1, budget)
         if obj.items:
-            out["items"] = to_json(obj.items, depth + 1)
+            out["items"] = to_json(obj.items, depth + 1, budget)
         return out
     if isinstance(obj, dict):
-        return {str(k): to_json(v, depth + 1) for k, v in obj.items()}
+        return {str(k) if type(k) is not int else _scalar_text(k): to_json(v, depth + 1, budget)
+                for k, v in itertools.islice(obj.items(), max(budget[0], 0) + 1)}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_json(v, depth + 1) for v in obj]
+        return [to_json(v, depth + 1, budget)
+                for v in itertools.islice(obj, max(budget[0], 0) + 1)]
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else str(obj)
+    if type(obj) is int and obj.bit_length() > 64:
+        return _scalar_text(obj)
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
-    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):
-        if getattr(obj, "ndim", 0) == 0 or obj.size <= 64:
-            return to_json(obj.tolist(), depth + 1)
+    if _is_numpy(obj) and (getattr(obj, "ndim", 0) == 0 or obj.size <= 64):
+        return to_json(obj.tolist(), depth + 1, budget)
     return render(obj)
 
 
-def _count_tensors(obj: Any, depth: int = 0) -> int:
-    if isinstance(obj, TensorRef):
-        return 1
-    if depth > 20:
-        return 0
-    if isinstance(obj, dict):
-        return sum(_count_tensors(v, depth + 1) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_count_tensors(v, depth + 1) for v in obj)
-    return 0
+def _count_tensors(obj: Any, depth_limit: int = 20) -> int:
+    """Tensors reachable from ``obj`` through dicts, lists and tuples (each object once)."""
+    count, seen, stack = 0, set(), [(obj, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, TensorRef):
+            count += id(node) not in seen
+            seen.add(id(node))
+            continue
+        if depth > depth_limit or id(node) in seen or not isinstance(node, (dict, list, tuple)):
+            continue
+        seen.add(id(node))
+        LIMITS.check("max_nodes", len(seen), "objects visited counting tensors")
+        values = node.values() if isinstance(node, dict) else node
+        stack.extend((v, depth + 1) for v in values)
+    return count
 
 
 def describe_value(key: str, value: Any, candidate_paths: set[str]) -> dict[str, Any]:
@@ -133,8 +166,8 @@ def describe_value(key: str, value: Any, candidate_paths: set[str]) -> dict[str,
     elif isinstance(value, dict) and n == 0 and _partial(value):
         summary = f"dict: {_partial(value)}"
     elif isinstance(value, dict):
-        keys = ", ".join(_short(str(k)) for k in list(value)[:6]) + (", ..." if len(value) > 6
-                                                                       else "")
+        keys = ", ".join(_short(_scalar_text(k) if type(k) is int else str(k))
+                         for k in _first(value, 6)) + (", ..." if len(value) > 6 else "")
         summary = f"dict with {len(value)} key{'s' if len(value) != 1 else ''}: {keys}"
     elif isinstance(value, (list, tuple)):
         summary = f"{kind} of {len(value)} items"

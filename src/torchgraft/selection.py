@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SelectError
+from .limits import LIMITS
 from .tensors import TensorRef
 
 CONVENTIONAL = ("state_dict", "model", "model_state_dict", "module", "net", "network",
@@ -57,22 +58,37 @@ class Candidate:
                 self.path)
 
 
+MAX_NESTING = 8  # state dicts are looked for this many mappings deep
+
+
 def find_candidates(root: Any) -> list[Candidate]:
-    """All mappings in ``root`` that directly hold tensors, outer ones first."""
+    """All mappings in ``root`` that directly hold tensors, outer ones first.
+
+    Each mapping object is visited once, whatever number of paths lead to it (the first path
+    names it), and the walk counts toward ``LIMITS.max_nodes``.
+    """
     found: list[Candidate] = []
-    _walk(root, "", found, 0)
+    seen: set[int] = set()
+    stack: list[tuple[Any, str, int]] = [(root, "", 0)]
+    visited = 0
+    while stack:
+        node, path, depth = stack.pop()
+        if not isinstance(node, dict) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        visited += len(node)
+        LIMITS.check("max_nodes", visited, "objects visited looking for state dicts")
+        tensors = {k: v for k, v in node.items() if isinstance(k, str) and isinstance(v, TensorRef)}
+        if tensors:
+            found.append(Candidate(path, tensors))
+        if depth >= MAX_NESTING:
+            continue
+        children = [(value, f"{path}/{key}" if path else key, depth + 1)
+                    for key, value in node.items()
+                    if isinstance(key, str) and isinstance(value, dict)
+                    and key.lower() not in NOT_MODEL]
+        stack.extend(reversed(children))
     return found
-
-
-def _walk(node: Any, path: str, found: list[Candidate], depth: int) -> None:
-    if not isinstance(node, dict) or depth > 8:
-        return
-    tensors = {k: v for k, v in node.items() if isinstance(k, str) and isinstance(v, TensorRef)}
-    if tensors:
-        found.append(Candidate(path, tensors))
-    for key, value in node.items():
-        if isinstance(key, str) and isinstance(value, dict) and key.lower() not in NOT_MODEL:
-            _walk(value, f"{path}/{key}" if path else key, found, depth + 1)
 
 
 def resolve(root: Any, select: str) -> Candidate:

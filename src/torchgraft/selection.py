@@ -64,30 +64,34 @@ MAX_NESTING = 8  # state dicts are looked for this many mappings deep
 def find_candidates(root: Any) -> list[Candidate]:
     """All mappings in ``root`` that directly hold tensors, outer ones first.
 
-    Each mapping object is visited once, whatever number of paths lead to it (the first path
-    names it), and the walk counts toward ``LIMITS.max_nodes``.
+    A mapping reached by several paths is a candidate under each of them (``{"model": sd,
+    "model_ema": sd}``) but is looked into only once, so the walk is linear in the size of the
+    container however its objects are shared; it counts toward ``LIMITS.max_nodes``.
     """
     found: list[Candidate] = []
-    seen: set[int] = set()
+    direct: dict[int, dict[str, TensorRef]] = {}  # id -> the tensors it holds, once looked into
     stack: list[tuple[Any, str, int]] = [(root, "", 0)]
-    visited = 0
+    work = 0
     while stack:
         node, path, depth = stack.pop()
-        if not isinstance(node, dict) or id(node) in seen:
+        if not isinstance(node, dict):
             continue
-        seen.add(id(node))
-        visited += len(node)
-        LIMITS.check("max_nodes", visited, "objects visited looking for state dicts")
-        tensors = {k: v for k, v in node.items() if isinstance(k, str) and isinstance(v, TensorRef)}
+        tensors = direct.get(id(node))
+        first = tensors is None
+        if first:
+            tensors = direct[id(node)] = {k: v for k, v in node.items()
+                                          if isinstance(k, str) and isinstance(v, TensorRef)}
+            work += len(node)
         if tensors:
             found.append(Candidate(path, tensors))
-        if depth >= MAX_NESTING:
-            continue
-        children = [(value, f"{path}/{key}" if path else key, depth + 1)
-                    for key, value in node.items()
-                    if isinstance(key, str) and isinstance(value, dict)
-                    and key.lower() not in NOT_MODEL]
-        stack.extend(reversed(children))
+            work += len(tensors)
+        LIMITS.check("max_nodes", work, "objects visited looking for state dicts")
+        if first and depth < MAX_NESTING:
+            children = [(value, f"{path}/{key}" if path else key, depth + 1)
+                        for key, value in node.items()
+                        if isinstance(key, str) and isinstance(value, dict)
+                        and key.lower() not in NOT_MODEL]
+            stack.extend(reversed(children))
     return found
 
 

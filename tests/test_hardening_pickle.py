@@ -313,7 +313,8 @@ def test_inspect_of_deep_and_wide_values_is_bounded(tmp_path: Path) -> None:
     sys.setrecursionlimit(20000)
     try:
         torch.save({"state_dict": {"w": torch.ones(1)}, "deep": deep, "wide": [wide] * 50,
-                    "huge_int": 1 << 100_000}, tmp_path / "f.pth")
+                    "huge_int": 1 << 100_000, 1 << 100_000: "key", "many": [wide] * 10_000,
+                    **{f"row{i}": {"x": [wide] * 20} for i in range(2000)}}, tmp_path / "f.pth")
     finally:
         sys.setrecursionlimit(old)
     info = inspect_checkpoint(tmp_path / "f.pth")

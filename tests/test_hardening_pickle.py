@@ -378,6 +378,13 @@ print("control", rss() - before)
     assert int(out["grew"]) < 64 and int(out["control"]) >= 200, out
 
 
+def test_string_lengths_past_the_end_are_refused_before_allocating() -> None:
+    for data in (b"\x80\x02B\xff\xff\xff\xff.", b"\x80\x04\x8e" + (1 << 62).to_bytes(8, "little"),
+                 b"\x80\x02X\x00\x00\x00\x80abc."):
+        with pytest.raises(tg.CorruptCheckpointError, match="truncated"):
+            restricted_loads(data)
+
+
 def test_memo_indices_of_real_pickles_pass(tmp_path: Path) -> None:
     big = {f"k{i}": [i, str(i)] for i in range(70000)}  # > 65536 memo entries: LONG_BINPUT
     for protocol in (0, 1, 2, 4, 5):

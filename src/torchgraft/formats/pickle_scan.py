@@ -127,9 +127,9 @@ def _slow_opcode(buf: Any, pos: int, op: int, end: int, bound: int, start: int) 
         return nl + 1
     if op in _LEN4:
         n = int.from_bytes(buf[pos + 1:pos + 5], "little", signed=_LEN4[op])
-        return end if n < 0 else pos + 5 + n
+        return end if n < 0 else _counted_end(pos, 5, n, end, start)
     if op in _LEN8:
-        return pos + 9 + int.from_bytes(buf[pos + 1:pos + 9], "little")
+        return _counted_end(pos, 9, int.from_bytes(buf[pos + 1:pos + 9], "little"), end, start)
     if op in _LEN1:
         return pos + 2 + buf[pos + 1] if pos + 1 < end else end
     if op in _LINE1 or op in _LINE2:
@@ -139,6 +139,16 @@ def _slow_opcode(buf: Any, pos: int, op: int, end: int, bound: int, start: int) 
     raise CorruptCheckpointError(
         f"pickle has an invalid opcode {op:#04x} at byte {pos - start}; the file is corrupt or "
         "not a pickle")
+
+
+def _counted_end(pos: int, header: int, n: int, end: int, start: int) -> int:
+    """Where a string or bytes argument of ``n`` bytes ends; the unpickler would allocate all
+    ``n`` bytes before finding that the data is shorter, so that is refused here."""
+    if pos + header + n > end:
+        raise CorruptCheckpointError(
+            f"pickle has a {n}-byte string at byte {pos - start} but only {end - pos - header} "
+            "bytes follow; the file is truncated or corrupt")
+    return pos + header + n
 
 
 def _check_memo_index(index: int, bound: int, at: int) -> None:

@@ -71,7 +71,7 @@ def _run_pattern(put_limit: int) -> re.Pattern[bytes]:
         _counted(b"U", 1), _counted(b"\x8a", 1),
         b"[IFLSVgP][^\\n]*\\n", b"[ci][^\\n]*\\n[^\\n]*\\n",
     ]
-    return re.compile(b"(?:" + b"|".join(parts) + b")*")
+    return re.compile(b"(?:" + b"|".join(parts) + b")*+")  # possessive: no backtracking state
 
 
 def _fast_put_limit(bound: int) -> int:

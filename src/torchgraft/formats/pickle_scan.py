@@ -83,11 +83,12 @@ def _fast_put_limit(bound: int) -> int:
     return limit
 
 
-def check_opcodes(buf: Any, start: int = 0) -> int:
-    """Check the pickle that starts at ``buf[start]``; return where its ``STOP`` opcode is (or
-    where the scan ran out of data, which the unpickler will report as truncation).
+def check_opcodes(buf: Any, start: int = 0, complete: bool = True) -> int:
+    """Check the pickle that starts at ``buf[start]``; return where its ``STOP`` opcode is, or
+    ``len(buf)`` when the data ran out first (the unpickler reports that as truncation).
 
-    ``buf`` is anything indexable by byte that ``re`` accepts: bytes, a memoryview, an mmap.
+    ``buf`` is bytes or a bytearray. ``complete=False`` says more data may follow: a string
+    running past the end then just ends the scan instead of being refused.
     """
     end = len(buf)
     bound = max(end - start, 1 << 16)  # no real pickle has more memo entries than bytes
@@ -100,12 +101,15 @@ def check_opcodes(buf: Any, start: int = 0) -> int:
         op = buf[pos]
         if op == 0x2E:  # STOP: the unpickler reads no further
             return pos
-        pos = _slow_opcode(buf, pos, op, end, bound, start)
+        pos = _slow_opcode(buf, pos, op, end if complete else -end, bound, start)
 
 
 def _slow_opcode(buf: Any, pos: int, op: int, end: int, bound: int, start: int) -> int:
     """Check the opcode at ``pos`` that the fast pattern did not take; return the next one's
-    position (``end`` when the data runs out, which the unpickler reports itself)."""
+    position (``end`` when the data runs out, which the unpickler reports itself). A negative
+    ``end`` means the data may continue past ``-end``."""
+    complete = end >= 0
+    end = abs(end)
     if op in _EXT:
         raise CorruptCheckpointError(
             f"pickle uses the extension opcode {_EXT[op]} at byte {pos - start} (copyreg's "
@@ -127,9 +131,10 @@ def _slow_opcode(buf: Any, pos: int, op: int, end: int, bound: int, start: int) 
         return nl + 1
     if op in _LEN4:
         n = int.from_bytes(buf[pos + 1:pos + 5], "little", signed=_LEN4[op])
-        return end if n < 0 else _counted_end(pos, 5, n, end, start)
+        return end if n < 0 else _counted_end(pos, 5, n, end, start, complete)
     if op in _LEN8:
-        return _counted_end(pos, 9, int.from_bytes(buf[pos + 1:pos + 9], "little"), end, start)
+        n = int.from_bytes(buf[pos + 1:pos + 9], "little")
+        return _counted_end(pos, 9, n, end, start, complete)
     if op in _LEN1:
         return pos + 2 + buf[pos + 1] if pos + 1 < end else end
     if op in _LINE1 or op in _LINE2:
@@ -141,10 +146,12 @@ def _slow_opcode(buf: Any, pos: int, op: int, end: int, bound: int, start: int) 
         "not a pickle")
 
 
-def _counted_end(pos: int, header: int, n: int, end: int, start: int) -> int:
+def _counted_end(pos: int, header: int, n: int, end: int, start: int, complete: bool) -> int:
     """Where a string or bytes argument of ``n`` bytes ends; the unpickler would allocate all
     ``n`` bytes before finding that the data is shorter, so that is refused here."""
     if pos + header + n > end:
+        if not complete:
+            return end
         raise CorruptCheckpointError(
             f"pickle has a {n}-byte string at byte {pos - start} but only {end - pos - header} "
             "bytes follow; the file is truncated or corrupt")

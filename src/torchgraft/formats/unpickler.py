@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import io
-import mmap
 import pickle
 import re
 import threading
@@ -630,24 +629,40 @@ def restricted_loads(
     return obj, ctx.placeholders
 
 
-def _checked_stream(data: Any) -> tuple[io.BufferedIOBase, Callable[[int], Any] | None]:
+def _checked_stream(data: Any) -> tuple[io.BytesIO, Callable[[int], Any] | None]:
     """A stream over the pickle in ``data`` after :func:`check_opcodes` passed on it, and what to
-    call with the stream's final position (to leave an outer stream just after the pickle)."""
+    call with that stream's final position (to leave an outer stream just after the pickle)."""
     if isinstance(data, (bytes, bytearray)):
         LIMITS.check("max_pickle_bytes", len(data), "pickle size")
         check_opcodes(data)
         return io.BytesIO(data), None
-    start = data.tell()
+    start = data.tell() if _seekable(data) else None
+    buf = _read_pickle(data)
+    if start is None:
+        return io.BytesIO(buf), None
+    return io.BytesIO(buf), lambda used: data.seek(start + used)
+
+
+def _read_pickle(stream: Any) -> bytearray:
+    """The bytes of the pickle at ``stream``'s position, up to its STOP opcode (read in growing
+    chunks and scanned again each time: at most twice the pickle's length in all)."""
+    buf = bytearray()
+    chunk = 1 << 20
+    while True:
+        more = stream.read(chunk)
+        buf += more
+        stop = check_opcodes(buf, 0, complete=not more)
+        if stop < len(buf) or not more:
+            return buf[:stop + 1] if stop < len(buf) else buf
+        LIMITS.check("max_pickle_bytes", len(buf), "pickle size")
+        chunk = min(chunk * 2, 1 << 30)
+
+
+def _seekable(stream: Any) -> bool:
     try:
-        with mmap.mmap(data.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            check_opcodes(view, start)
-        return data, None
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        pass  # not a plain file: read the rest
-    rest = data.read()
-    check_opcodes(rest)
-    seek = getattr(data, "seek", None) if getattr(data, "seekable", lambda: False)() else None
-    return io.BytesIO(rest), (lambda used: seek(start + used)) if seek else None
+        return bool(stream.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 # --- whole pickled modules ------------------------------------------------------------------

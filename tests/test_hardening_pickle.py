@@ -494,6 +494,7 @@ def test_pickle_fuzzer(tmp_path: Path) -> None:
     summary = json.loads(done.stdout.splitlines()[-1])
     assert summary["cases"] == examples and summary["failures"] == [], summary
     assert summary["errors"] > 0 and summary["loaded"] > 0, summary  # both paths exercised
+    print("pickle fuzzer:", json.dumps(summary))  # shown with pytest -s
 
 
 def test_restricted_loads_of_streams_leaves_the_stream_after_the_pickle() -> None:

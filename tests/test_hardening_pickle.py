@@ -161,6 +161,38 @@ def test_plain_numpy_values_still_round_trip() -> None:
             assert np.asarray(got[key]).tolist() == np.asarray(want[key]).tolist(), key
 
 
+def test_shared_record_dtypes_build_in_linear_time() -> None:
+    """Records whose 64 fields all name the one record below, 40 levels: 64**40 if rebuilt."""
+    dt = R(np.dtype, ("f8", False, True), (3, "<", None, None, None, -1, -1, 0))
+    size = 8
+    for _ in range(40):
+        names = tuple(f"f{i}" for i in range(64))
+        fields = {n: (dt, i * size) for i, n in enumerate(names)}
+        size *= 64
+        dt = R(np.dtype, (f"V{size}", False, True), (3, "|", None, names, fields, size, 1, 0))
+        if size > 1 << 40:
+            break
+    with pytest.raises(tg.CorruptCheckpointError):  # numpy itself refuses the giant item
+        restricted_loads(pickle.dumps(R(np.core.multiarray.scalar, (dt, b"")), protocol=2))
+
+
+def test_numpy_dtype_state_is_set_once() -> None:
+    """numpy BUILDs a dtype once; a second BUILD (after a scalar used it) is refused."""
+    import pickletools
+
+    dt = R(np.dtype, ("V8", False, True), (3, "|", None, None, None, 8, 1, 0))
+    data = pickle.dumps([dt, R(np.core.multiarray.scalar, (dt, b"\0" * 8))], protocol=2)
+    ops = list(pickletools.genops(data))
+    reduce_at = next(i for i, (op, _, _) in enumerate(ops) if op.name == "REDUCE")
+    build_at = next(i for i, (op, _, _) in enumerate(ops) if op.name == "BUILD")
+    obj_memo, state_memo = ops[reduce_at + 1][1], ops[build_at - 1][1]
+    assert ops[reduce_at + 1][0].name == ops[build_at - 1][0].name == "BINPUT"
+    again = b"h" + bytes([obj_memo]) + b"h" + bytes([state_memo]) + b"b0"
+    assert restricted_loads(data)[0][1].tobytes() == b"\0" * 8
+    with pytest.raises(tg.CorruptCheckpointError, match="set twice"):
+        restricted_loads(data[:-2] + again + data[-2:])
+
+
 def test_numpy_dtype_objects_are_never_shared() -> None:
     """BUILD on numpy.dtype's result must never reach numpy's cached float32 descriptor."""
     payload = R(np.dtype, ("f4", False, True), (3, ">", None, None, None, -1, -1, 0))

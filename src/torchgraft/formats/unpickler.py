@@ -39,6 +39,7 @@ def _refuse_build(*args: Any) -> None:
         "pickle tries to set the state of a shared object (BUILD on a type, function or "
         "storage type); the file is corrupt or hostile")
 
+
 # --- placeholders ----------------------------------------------------------------------------
 
 
@@ -343,12 +344,17 @@ class NumpyDtype:
     declare, or fields outside the item.
     """
 
-    __slots__ = ("spec", "order", "itemsize", "fields", "unit")
+    __slots__ = ("spec", "order", "itemsize", "fields", "unit", "built", "has_state")
 
     def __init__(self, spec: str) -> None:
         self.spec, self.order, self.itemsize, self.fields, self.unit = spec, "=", -1, None, None
+        self.built: Any = None
+        self.has_state = False
 
     def __setstate__(self, state: Any) -> None:
+        if self.has_state or self.built is not None:  # numpy's own pickles BUILD once, first
+            raise CorruptCheckpointError("numpy dtype state set twice or after use")
+        self.has_state = True
         if type(state) is not tuple or len(state) not in (8, 9) or state[0] not in (3, 4):
             raise CorruptCheckpointError(f"bad numpy dtype state {state!r:.80}")
         order, subarray, names, fields, itemsize = state[1], state[2], state[3], state[4], state[5]
@@ -363,7 +369,13 @@ class NumpyDtype:
             self.unit = _np_unit(state[8])
 
     def build(self) -> Any:
-        """The real ``numpy.dtype`` (a fresh object; never one numpy shares)."""
+        """The real ``numpy.dtype``, made once from the checked values (numpy may hand out its
+        shared descriptor for plain types: nothing from the file ever reaches it)."""
+        if self.built is None:
+            self.built = self._build()
+        return self.built
+
+    def _build(self) -> Any:
         import numpy as np
 
         try:
@@ -400,7 +412,7 @@ def _np_fields(names: Any, fields: Any, itemsize: int) -> list[tuple[str, NumpyD
             raise CorruptCheckpointError(f"bad numpy record field {name!r:.40}")
         sub, offset = spec[0], spec[1]
         size = sub.build().itemsize
-        if sub.build().hasobject or offset < 0 or offset + size > itemsize:
+        if sub.built.hasobject or offset < 0 or offset + size > itemsize:
             raise CorruptCheckpointError(
                 f"numpy record field {name!r:.40} (offset {offset}, {size} bytes) holds objects "
                 f"or lies outside its {itemsize}-byte item")

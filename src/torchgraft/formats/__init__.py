@@ -160,25 +160,32 @@ def _wrap_memory(obj: Any, depth: int = 0) -> Any:
     return obj
 
 
-def _modules_to_state_dicts(obj: Any, notes: list[str], depth: int = 0) -> Any:
-    """Replace placeholders of pickled ``nn.Module`` objects by the state dict they would give."""
+def _modules_to_state_dicts(obj: Any, notes: list[str], depth: int = 0,
+                            seen: dict[int, Any] | None = None) -> Any:
+    """Replace placeholders of pickled ``nn.Module`` objects by the state dict they would give.
+    Each object is visited once (``seen``: id -> result), so shared references cost nothing."""
+    seen = {} if seen is None else seen
+    if id(obj) in seen:
+        return seen[id(obj)]
     if isinstance(obj, Placeholder):
         state = module_state(obj)
         if state is not None:
             notes.append(f"whole pickled module {obj.qualname} turned into its state dict "
                          "(its code was not run)")
+            seen[id(obj)] = state
             return state
         return obj
     if depth > 50:
         return obj
+    seen[id(obj)] = obj
     if isinstance(obj, dict):
         for key, value in obj.items():
             if isinstance(value, _CONTAINERS):
-                obj[key] = _modules_to_state_dicts(value, notes, depth + 1)
+                obj[key] = _modules_to_state_dicts(value, notes, depth + 1, seen)
     elif isinstance(obj, list):
         for i, value in enumerate(obj):
             if isinstance(value, _CONTAINERS):
-                obj[i] = _modules_to_state_dicts(value, notes, depth + 1)
+                obj[i] = _modules_to_state_dicts(value, notes, depth + 1, seen)
     return obj
 
 

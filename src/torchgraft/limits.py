@@ -31,7 +31,10 @@ class Limits:
     max_pickle_bytes: int = 2 << 30  # a pickle (data.pkl, legacy pickle) after decompression
     max_decompressed_bytes: int = 64 << 30  # all compressed members of one file, decompressed
     max_header_bytes: int = 100 << 20  # a safetensors header, an index.json, an npy header
-    max_files: int = 100_000  # files in a checkpoint folder
+    max_files: int = 100_000  # files in a checkpoint folder, shards named by an index.json
+    # a compressed member (zip data.pkl, npz member) may declare at most this many bytes per
+    # stored byte once past 16 MiB; deflate cannot exceed ~1032, real pickles/arrays stay < 50
+    max_compression_ratio: int = 200
 
     def check(self, name: str, value: int, what: str) -> None:
         """Raise :class:`ResourceLimitError` when ``value`` exceeds limit ``name``."""

@@ -32,6 +32,68 @@ def one_line(message: object) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+# --- terminal safety --------------------------------------------------------------------------
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
+
+
+def _escape_char(ch: str) -> str:
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 \
+        else f"\\U{code:08x}"
+
+
+def escape_text(text: str) -> str:
+    """``text`` safe to print on a terminal: every non-printable character (ESC, BEL, newlines,
+    other C0/C1 controls, bidi overrides, unassigned code points) becomes a visible escape such
+    as ``\\e``, ``\\x07``, ``\\n`` or ``\\u202e``. Printable text, including non-ASCII letters,
+    is unchanged. Used for TEXT output of names and values taken from files; ``--json`` output
+    stays exact.
+
+    >>> escape_text("blocks.0\\x1b[2J\\n.weight")
+    'blocks.0\\\\e[2J\\\\n.weight'
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+
+
+def escape_tree(obj: Any, depth: int = 0) -> Any:
+    """A copy of a JSON-like tree (dicts, lists, tuples) with every string, keys included,
+    passed through :func:`escape_text`; other values are returned as they are."""
+    if isinstance(obj, str):
+        return escape_text(obj)
+    if depth > 100:
+        return obj
+    if isinstance(obj, dict):
+        return {escape_tree(k, depth + 1): escape_tree(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [escape_tree(v, depth + 1) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(escape_tree(v, depth + 1) for v in obj)
+    return obj
+
+
+def escape_report(report: Any) -> Any:
+    """A copy of a :class:`~torchgraft.report.LoadReport` whose names, reasons, rules, notes and
+    placeholders are escaped for terminal output (the original is unchanged)."""
+    import dataclasses
+
+    entries = [dataclasses.replace(e, target=_opt(e.target), source=_opt(e.source),
+                                   reason=escape_text(e.reason)) for e in report.entries]
+    return dataclasses.replace(
+        report, entries=entries, selected=escape_text(report.selected or ""),
+        source=escape_text(str(report.source)), format=escape_text(report.format),
+        rules=escape_tree(list(report.rules)), notes=escape_tree(list(report.notes)),
+        placeholders=escape_tree(list(report.placeholders)), error=_opt(report.error))
+
+
+def _opt(text: str | None) -> str | None:
+    return None if text is None else escape_text(text)
+
+
 # --- colour -----------------------------------------------------------------------------------
 
 

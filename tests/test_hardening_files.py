@@ -487,23 +487,25 @@ def test_npz_total_declared_bytes_limit(tmp_path: Path) -> None:
 
 
 def test_npz_bad_crc_in_a_deflated_member_leaves_the_model_unchanged(tmp_path: Path) -> None:
-    model = nn.Sequential(nn.Linear(4, 3))
+    # the deflated member is large enough that reading its .npy header does not reach its end
+    # (where zipfile checks the CRC): it used to fail only during the copy, after the stored one
+    model = nn.Sequential(nn.Linear(64, 512))
     path = tmp_path / "mixed.npz"
-    weight = np.arange(12, dtype=np.float32).reshape(3, 4)
+    rng = np.random.default_rng(0)
     with zipfile.ZipFile(path, "w") as zf:
         buf = io.BytesIO()
-        np.save(buf, weight)
-        zf.writestr(zipfile.ZipInfo("0.weight.npy"), buf.getvalue())  # stored
+        np.save(buf, rng.standard_normal(512).astype(np.float32))
+        zf.writestr(zipfile.ZipInfo("0.bias.npy"), buf.getvalue())  # stored
         buf = io.BytesIO()
-        np.save(buf, np.ones(3, np.float32))
-        info = zipfile.ZipInfo("0.bias.npy")
+        np.save(buf, rng.standard_normal((512, 64)).astype(np.float32))
+        info = zipfile.ZipInfo("0.weight.npy")
         info.compress_type = zipfile.ZIP_DEFLATED
         zf.writestr(info, buf.getvalue())
     with zipfile.ZipFile(path) as zf:
-        crc = zf.getinfo("0.bias.npy").CRC
-    patch_zip(path, "0.bias.npy", crc=crc ^ 0xFFFF)
+        crc = zf.getinfo("0.weight.npy").CRC
+    patch_zip(path, "0.weight.npy", crc=crc ^ 0xFFFF)
     before = snapshot(model)
-    with pytest.raises(tg.CorruptCheckpointError, match="0.bias"):
+    with pytest.raises(tg.CorruptCheckpointError, match="0.weight"):
         tg.load(model, path)
     assert_same(model, before)
     with pytest.raises(tg.CorruptCheckpointError):

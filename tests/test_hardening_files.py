@@ -178,6 +178,15 @@ def test_hub_cache_sharded_snapshots_load(tmp_path: Path) -> None:
         assert report.ok and report.loaded_fraction == 1.0
         for k, v in ref.state_dict().items():
             assert torch.equal(model.state_dict()[k], v)
+    # the repository folder itself: refs/main names the snapshot
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("bbbb2222")
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert tg.load(model, repo).ok
+    assert torch.equal(model[2].weight, v2[2].weight)
+    (repo / "refs" / "main").write_text("../../x")
+    with pytest.raises(tg.UnsupportedFormatError, match="refs/main names no snapshot"):
+        tg.read(repo)
     # a link in the snapshot that leaves the repository's cache folder is still refused
     outside = tmp_path / "outside.safetensors"
     save_file({"0.weight": torch.zeros(8, 4)}, str(outside))
@@ -346,6 +355,29 @@ def test_convert_into_a_folder_that_cannot_be_written(tmp_path: Path) -> None:
                 convert(src, ro / "x.safetensors")
         finally:
             ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("value", [5, "running_mean", None, 2.5])
+def test_pickled_module_with_odd_non_persistent_set(tmp_path: Path, value: object) -> None:
+    module = nn.BatchNorm1d(3)
+    module._non_persistent_buffers_set = value
+    path = tmp_path / "m.pth"
+    torch.save(module, path)
+    state = tg.read(path)
+    assert {"weight", "bias", "running_mean", "running_var"} <= set(state)
+
+
+def test_zip_with_a_member_twice(tmp_path: Path) -> None:
+    plain = tmp_path / "a.pth"
+    torch.save({"w": torch.ones(2)}, plain)
+    dup = tmp_path / "dup.pth"
+    with zipfile.ZipFile(plain) as zin, zipfile.ZipFile(dup, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+        with pytest.warns(UserWarning):
+            zout.writestr("a/data.pkl", pickle.dumps({"w": 1}, protocol=2))
+    with pytest.raises(tg.CorruptCheckpointError, match="twice"):
+        tg.read(dup)
 
 
 # --- item 13: safetensors overlap and duplicate keys ------------------------------------------

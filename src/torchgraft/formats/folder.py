@@ -39,6 +39,8 @@ def open_folder(path: Path, open_file: Callable[[Path], Checkpoint]) -> Checkpoi
             "`python -m torch.distributed.checkpoint.format_utils dcp_to_torch`"
         )
     listing = _listing(path)
+    if "snapshots" in listing and "refs" in listing and "blobs" in listing:
+        return open_folder(_hub_snapshot(path), open_file)
     indexes = [path / n for n in INDEX_NAMES if n in listing]
     indexes += sorted(path / n for n in listing
                       if n.endswith(".index.json") and path / n not in indexes)
@@ -92,6 +94,23 @@ def _kind(path: Path) -> str:
         if test(mode):
             return what
     return "not a regular file"
+
+
+def _hub_snapshot(repo: Path) -> Path:
+    """The snapshot ``refs/main`` names in a Hugging Face hub cache folder (``models--org--x``)."""
+    ref = repo / "refs" / "main"
+    rev = ""
+    if _is_regular(ref) and os.stat(ref).st_size < 256:
+        rev = ref.read_text(errors="replace").strip()
+    snap = repo / "snapshots" / rev
+    if not rev or not rev.isalnum() or not snap.is_dir():
+        revs = sorted(p.name for p in (repo / "snapshots").iterdir())[:5] if \
+            (repo / "snapshots").is_dir() else []
+        raise UnsupportedFormatError(
+            f"{repo.name}/: a Hugging Face hub cache folder whose refs/main names no snapshot; "
+            f"pass a snapshot folder instead, e.g. {repo.name}/snapshots/<revision> "
+            f"(found: {', '.join(revs) or 'none'})")
+    return snap
 
 
 def _read_index(index: Path) -> dict:

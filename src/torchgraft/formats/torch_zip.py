@@ -74,13 +74,20 @@ def _zipfile_members(path: Path) -> Members:
     """The member table through ``zipfile``, for archives ``read_central_directory`` declines."""
     try:
         with zipfile.ZipFile(path) as zf:
-            return {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC)
-                    for i in zf.infolist()}
+            infos = zf.infolist()
+            members = {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC)
+                       for i in infos}
     except Exception as err:  # zipfile raises many types on garbage
         raise CorruptCheckpointError(
             f"{path.name}: not a readable zip archive ({err}); the file is probably truncated "
             "or corrupt - download it again"
         ) from None
+    if len(members) != len(infos):
+        dup = next(n for n in members if sum(i.filename == n for i in infos) > 1)
+        raise CorruptCheckpointError(
+            f"{path.name}: zip member {dup!r} is in the archive twice (corrupt or crafted: tools "
+            "would disagree on which copy to read)")
+    return members
 
 
 _RATIO_FLOOR = 16 << 20  # below this many declared bytes any compression ratio is accepted

@@ -347,12 +347,29 @@ def make_case(kind: str, seed: Path, case: Path, rng: random.Random, outside: Pa
         elif kind == "safetensors" and rng.random() < 0.7 and len(raw) > 8:
             try:
                 ops.append(mutate_safetensors(raw, rng))
-            except (ValueError, KeyError, IndexError, struct.error):
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError, struct.error):
                 ops.append(mutate_bytes(raw, rng))
         else:
             ops.append(mutate_bytes(raw, rng))
     dst.write_bytes(bytes(raw))
     return dst, "+".join(ops)
+
+
+_STORAGE_NAMES = [n for n in dir(torch) if n.endswith("Storage") and n != "UntypedStorage"]
+
+
+def process_state() -> tuple:
+    """What a hostile file must not change in the process: storage types' dtypes, torch's
+    default dtype, the pickle extension and dispatch tables, the limits."""
+    import copyreg
+    import dataclasses
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage.dtype is deprecated, still the target
+        storages = tuple((name, getattr(getattr(torch, name), "dtype", None))
+                         for name in _STORAGE_NAMES)
+    return (storages, torch.get_default_dtype(), len(copyreg.dispatch_table),
+            len(copyreg._extension_registry), dataclasses.astuple(tg.LIMITS))
 
 
 def _alarm(signum: int, frame: Any) -> None:
@@ -369,6 +386,7 @@ def check_case(path: Path, per_case_s: int) -> tuple[str, str | None]:
         ("load", lambda: tg.load(model, path)),
         ("inspect", lambda: inspect_checkpoint(str(path))),
     ]
+    state = process_state()
     for what, step in steps:
         signal.alarm(per_case_s)
         try:
@@ -389,6 +407,9 @@ def check_case(path: Path, per_case_s: int) -> tuple[str, str | None]:
             failure = f"{what}: {type(err).__name__}: {str(err)[:300]}\n{tb[-1500:]}"
         finally:
             signal.alarm(0)
+        if not failure and process_state() != state:
+            failure = f"{what}: the process state changed (storage dtypes, default dtype, " \
+                      "copyreg tables or limits)"
         if failure:
             break
     return outcome, failure

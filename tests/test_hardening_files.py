@@ -415,6 +415,11 @@ def test_safetensors_empty_tensors_anywhere_are_fine(tmp_path: Path) -> None:
     b'"\\u0077":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
     b'{"__metadata__":{"a":"1","\\u0061":"2"},'
     b'"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    # the same, spelled literally
+    b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"data_offsets":[4,8]}}',
+    b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+    b'"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
+    b'{"__metadata__":{"a":"1","a":"2"},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
 ])
 def test_safetensors_duplicate_keys_however_spelled(tmp_path: Path, raw: bytes) -> None:
     path = st_write(tmp_path / "d.safetensors", raw, b"\0" * 8)

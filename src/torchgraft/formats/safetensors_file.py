@@ -53,6 +53,29 @@ def _no_duplicates(pairs: list) -> dict:
     return out
 
 
+def _parse_header(raw: bytes) -> object:
+    """The header JSON, with duplicate keys refused (see :func:`_no_duplicates`).
+
+    The plain parse is fast; the checking one (a Python call per object) runs only when the
+    header could hide a duplicate: it holds an escape, or the literal counts of the entry keys
+    and metadata keys do not match the parsed objects.
+    """
+    header = json.loads(raw)
+    if b"\\" in raw or not isinstance(header, dict) or _counts_differ(raw, header):
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    return header
+
+
+def _counts_differ(raw: bytes, header: dict) -> bool:
+    n = len(header) - ("__metadata__" in header)
+    if any(raw.count(key) != n for key in (b'"dtype"', b'"shape"', b'"data_offsets"')):
+        return True
+    meta = header.get("__metadata__")
+    if raw.count(b'"__metadata__"') > 1 or (meta is not None and not isinstance(meta, dict)):
+        return True
+    return bool(meta) and any(raw.count(json.dumps(k).encode()) != 1 for k in meta)
+
+
 def _numel(dims: object) -> int | None:
     """Product of a JSON list of non-negative ints (bools refused), or None otherwise."""
     if type(dims) is not list or any(type(d) is not int or d < 0 for d in dims):
@@ -123,7 +146,7 @@ class SafetensorsFormat(Format):
         LIMITS.check("max_header_bytes", n, "safetensors header size in bytes")
         raw = fh.pread(8, n)
         try:
-            header = json.loads(raw, object_pairs_hook=_no_duplicates)
+            header = _parse_header(raw)
         except CorruptCheckpointError:
             raise
         except (ValueError, UnicodeDecodeError, RecursionError) as err:

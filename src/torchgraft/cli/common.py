@@ -32,6 +32,32 @@ def one_line(message: object) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+# --- colour -----------------------------------------------------------------------------------
+
+
+def use_colour(stream: TextIO) -> bool:
+    """Colour only on a terminal, never with ``NO_COLOR`` set (https://no-color.org)."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class Style:
+    """``Style(stream).red("x")``: ANSI colour when the stream is a colour terminal."""
+
+    CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.on = use_colour(stream or sys.stdout)
+
+    def __getattr__(self, name: str):
+        code = self.CODES.get(name)
+        if code is None:
+            raise AttributeError(name)
+        return lambda text: f"\033[{code}m{text}\033[0m" if self.on else str(text)
+
+
 # --- terminal safety --------------------------------------------------------------------------
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
@@ -60,6 +86,24 @@ def escape_text(text: str) -> str:
     return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
 
 
+_OWN_SGR = re.compile("\x1b\\[(?:" + "|".join(sorted(Style.CODES.values())) + "|0)m")
+
+
+def terminal_lines(lines: list[str], st: Style) -> str:
+    """The text to write for ``lines``: each line escaped with :func:`escape_text` (a newline
+    inside a name cannot start a new line), keeping only the plain colour codes :class:`Style`
+    itself adds when colour is on."""
+    if not st.on:
+        return "\n".join(escape_text(line) for line in lines) + "\n"
+    out = []
+    for line in lines:
+        parts = _OWN_SGR.split(line)
+        codes = _OWN_SGR.findall(line)
+        out.append("".join(escape_text(p) + (codes[i] if i < len(codes) else "")
+                           for i, p in enumerate(parts)))
+    return "\n".join(out) + "\n"
+
+
 def escape_tree(obj: Any, depth: int = 0) -> Any:
     """A copy of a JSON-like tree (dicts, lists, tuples) with every string, keys included,
     passed through :func:`escape_text`; other values are returned as they are."""
@@ -74,50 +118,6 @@ def escape_tree(obj: Any, depth: int = 0) -> Any:
     if isinstance(obj, tuple):
         return tuple(escape_tree(v, depth + 1) for v in obj)
     return obj
-
-
-def escape_report(report: Any) -> Any:
-    """A copy of a :class:`~torchgraft.report.LoadReport` whose names, reasons, rules, notes and
-    placeholders are escaped for terminal output (the original is unchanged)."""
-    import dataclasses
-
-    entries = [dataclasses.replace(e, target=_opt(e.target), source=_opt(e.source),
-                                   reason=escape_text(e.reason)) for e in report.entries]
-    return dataclasses.replace(
-        report, entries=entries, selected=escape_text(report.selected or ""),
-        source=escape_text(str(report.source)), format=escape_text(report.format),
-        rules=escape_tree(list(report.rules)), notes=escape_tree(list(report.notes)),
-        placeholders=escape_tree(list(report.placeholders)), error=_opt(report.error))
-
-
-def _opt(text: str | None) -> str | None:
-    return None if text is None else escape_text(text)
-
-
-# --- colour -----------------------------------------------------------------------------------
-
-
-def use_colour(stream: TextIO) -> bool:
-    """Colour only on a terminal, never with ``NO_COLOR`` set (https://no-color.org)."""
-    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
-        return False
-    isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty())
-
-
-class Style:
-    """``Style(stream).red("x")``: ANSI colour when the stream is a colour terminal."""
-
-    CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.on = use_colour(stream or sys.stdout)
-
-    def __getattr__(self, name: str):
-        code = self.CODES.get(name)
-        if code is None:
-            raise AttributeError(name)
-        return lambda text: f"\033[{code}m{text}\033[0m" if self.on else str(text)
 
 
 # --- formatting -------------------------------------------------------------------------------

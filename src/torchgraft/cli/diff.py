@@ -56,14 +56,13 @@ from .common import (
     Style,
     add_mapping_options,
     add_model_kwargs,
-    escape_report,
-    escape_tree,
     fmt_pct,
     fmt_shape,
     mapping_kwargs,
     parse_kwargs,
     print_json,
     table,
+    terminal_lines,
 )
 from .compare import checkpoint_diff, fold, plan_suggestions, renamed
 from .specs import build_model, looks_like_spec
@@ -96,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                "exit_code": 0 if report.ok else 1, "checkpoint": ckpt, "model": spec,
                "renamed": renamed(report), "suggestions": plan_suggestions(report),
                "report": report.to_dict()}
-        lines = _plan_text(escape_tree(out), escape_report(report), st)
+        lines = _plan_text(out, report, st)
     else:
         if args.values and a_spec:
             raise CliError("--values compares two checkpoints; A and B are model specs")
@@ -107,11 +106,11 @@ def run(args: argparse.Namespace) -> int:
                             trust=options["trust"], values=args.values)
         d["a"]["source"], d["b"]["source"] = args.a, args.b
         out = {"schema": "torchgraft.diff/1", **d, "exit_code": 0 if d["identical"] else 1}
-        lines = _ckpt_text(escape_tree(d), st)
+        lines = _ckpt_text(d, st)
     if args.json:
         print_json(out)
     else:
-        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.write(terminal_lines(lines, st))  # names from files: no terminal control
     return out["exit_code"]
 
 

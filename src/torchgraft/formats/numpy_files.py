@@ -29,8 +29,9 @@ from ..errors import CorruptCheckpointError, TorchgraftError
 from ..limits import LIMITS
 from ..tensors import FileHandle, FileRef, MemoryRef, TensorRef, contiguous_strides
 from .base import Checkpoint, Format
-from .torch_zip import _data_offsets, check_declared_size, first_member_name, inflate_member
+from .torch_zip import _data_offsets, first_member_name
 from .unpickler import restricted_loads
+from .zip_index import check_declared_size, inflate_member
 
 
 def torch_dtype(dtype: np.dtype) -> torch.dtype | None:
@@ -129,7 +130,8 @@ def _check_members(path: Path, infos: list[zipfile.ZipInfo]) -> None:
     """No member twice; compressed members declare at most ``LIMITS.max_decompressed_bytes``."""
     names = [i.filename for i in infos]
     if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
+        seen: set[str] = set()
+        dup = next(n for n in names if n in seen or seen.add(n))
         raise CorruptCheckpointError(f"{path.name}: member {dup} is in the archive twice")
     LIMITS.check("max_decompressed_bytes",
                  sum(i.file_size for i in infos if i.compress_type != zipfile.ZIP_STORED),

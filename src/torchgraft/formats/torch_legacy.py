@@ -28,17 +28,6 @@ MAGIC = 0x1950A86A20F9469CFC6C
 _HEAD = b"\x80\x02\x8a\x0a" + MAGIC.to_bytes(10, "little")
 
 
-def _view_offset(view: tuple, numel: int, path: Path) -> int:
-    """The element offset of a legacy storage view ``(key, offset, size)``, checked to lie in
-    ``[0, numel]`` so no tensor reads bytes before or after its own storage."""
-    offset, size = view[1], view[2]
-    if type(offset) is not int or offset < 0 or (type(size) is int and offset + size > numel):
-        raise CorruptCheckpointError(
-            f"{path.name}: a storage view at element {offset!r:.40} (size {size!r:.40}) does not "
-            f"lie inside its {numel}-element storage (corrupt or crafted file)")
-    return offset
-
-
 class TorchLegacyFormat(Format):
     """Reads the legacy torch serialization lazily with the restricted unpickler."""
 
@@ -125,3 +114,14 @@ class TorchLegacyFormat(Format):
                 f"{path.name}: storages {sorted(pending)[:3]} are referenced but not stored"
             )
         return Checkpoint(root=root, format=self.name, path=path, placeholders=placeholders)
+
+
+def _view_offset(view: tuple, numel: int, path: Path) -> int:
+    """The element offset of a legacy storage view ``(key, offset, size)``, checked to lie in
+    ``[0, numel]`` so no tensor reads bytes before or after its own storage."""
+    offset, size = view[1], view[2]
+    if type(offset) is not int or offset < 0 or (type(size) is int and offset + size > numel):
+        raise CorruptCheckpointError(
+            f"{path.name}: a storage view at element {offset!r:.40} (size {size!r:.40}) does not "
+            f"lie inside its {numel}-element storage (corrupt or crafted file)")
+    return offset

@@ -25,11 +25,10 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError, TorchgraftError, UnsupportedFormatError
-from ..limits import LIMITS
 from ..tensors import FileHandle, FileRef
 from .base import Checkpoint, Format
 from .unpickler import StorageRef, StorageType, restricted_loads
-from .zip_index import Members, read_central_directory
+from .zip_index import Members, check_stored_size, inflate_member, read_central_directory
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 
@@ -83,58 +82,12 @@ def _zipfile_members(path: Path) -> Members:
             "or corrupt - download it again"
         ) from None
     if len(members) != len(infos):
-        dup = next(n for n in members if sum(i.filename == n for i in infos) > 1)
+        seen: set[str] = set()
+        dup = next(i.filename for i in infos if i.filename in seen or seen.add(i.filename))
         raise CorruptCheckpointError(
             f"{path.name}: zip member {dup!r} is in the archive twice (corrupt or crafted: tools "
             "would disagree on which copy to read)")
     return members
-
-
-_RATIO_FLOOR = 16 << 20  # below this many declared bytes any compression ratio is accepted
-
-
-def check_declared_size(path: Path, name: str, declared: int, stored: int, limit: str) -> None:
-    """Refuse a compressed member before inflating it when the size its header declares is over
-    ``LIMITS.<limit>`` or more than ``LIMITS.max_compression_ratio`` times its stored size."""
-    LIMITS.check(limit, declared, f"{path.name}: member {name} declares {declared} bytes "
-                                  "when decompressed, which")
-    if declared > _RATIO_FLOOR and declared > LIMITS.max_compression_ratio * max(stored, 1):
-        LIMITS.check("max_compression_ratio", declared // max(stored, 1),
-                     f"{path.name}: member {name} inflates {stored} stored bytes to {declared}; "
-                     "that ratio")
-
-
-def inflate_member(zf: zipfile.ZipFile, name: str, limit: str = "max_pickle_bytes",
-                   keep: bool = True) -> bytes:
-    """A compressed member's bytes (``keep=False``: only verified, ``b""`` returned).
-
-    Its declared size is checked first (see :func:`check_declared_size`); it is then inflated in
-    bounded steps, never past the declared size, and must match it and its CRC exactly.
-    """
-    info = zf.getinfo(name)
-    path = Path(zf.filename or "?")
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise UnsupportedFormatError(
-            f"{path.name}: member {name} uses zip compression method {info.compress_type}; "
-            "only stored and deflate members are read (what torch and numpy write)")
-    check_declared_size(path, name, info.file_size, info.compress_size, limit)
-    out = bytearray()
-    got = 0
-    try:
-        with zf.open(info) as f:  # ZipExtFile: bounded decompress steps, stops at declared size
-            while chunk := f.read(1 << 20):
-                got += len(chunk)
-                if keep:
-                    out += chunk
-    except Exception as err:  # BadZipFile (CRC), zlib.error, EOFError on garbage
-        raise CorruptCheckpointError(
-            f"{path.name}: member {name} cannot be decompressed ({err}); the file is corrupt - "
-            "download it again") from None
-    if got != info.file_size:
-        raise CorruptCheckpointError(
-            f"{path.name}: {name} inflates to {got} bytes, its header declares "
-            f"{info.file_size}; the file is corrupt - download it again")
-    return bytes(out)
 
 
 def _read_member(fh: FileHandle, members: Members, name: str) -> bytes:
@@ -144,7 +97,7 @@ def _read_member(fh: FileHandle, members: Members, name: str) -> bytes:
         if method != zipfile.ZIP_STORED:
             with zipfile.ZipFile(fh.path) as zf:
                 return inflate_member(zf, name)
-        LIMITS.check("max_pickle_bytes", size, f"{fh.path.name}: member {name} size in bytes")
+        check_stored_size(fh.path, name, size, "max_pickle_bytes")
         data = fh.pread(_data_offsets(fh, [(offset, name)])[name], size)
     except TorchgraftError:
         raise

@@ -406,8 +406,6 @@ def _collect_module(state: dict, prefix: str, out: dict, depth: int) -> None:
     params = state.get("_parameters") or {}
     buffers = state.get("_buffers") or {}
     skip = state.get("_non_persistent_buffers_set") or set()
-    if not isinstance(skip, (set, frozenset, list, tuple)):  # e.g. an int from a crafted file
-        skip = set()
     for name, value in _mapping_items(params):
         if isinstance(value, TensorRef):
             out[prefix + str(name)] = value

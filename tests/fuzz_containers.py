@@ -360,7 +360,7 @@ _STORAGE_NAMES = [n for n in dir(torch) if n.endswith("Storage") and n != "Untyp
 
 def process_state() -> tuple:
     """What a hostile file must not change in the process: storage types' dtypes, torch's
-    default dtype, the pickle extension and dispatch tables, the limits."""
+    default dtype, the pickle extension registry, the limits."""
     import copyreg
     import dataclasses
 
@@ -368,8 +368,9 @@ def process_state() -> tuple:
         warnings.simplefilter("ignore")  # TypedStorage.dtype is deprecated, still the target
         storages = tuple((name, getattr(getattr(torch, name), "dtype", None))
                          for name in _STORAGE_NAMES)
-    return (storages, torch.get_default_dtype(), len(copyreg.dispatch_table),
-            len(copyreg._extension_registry), dataclasses.astuple(tg.LIMITS))
+    # (copyreg.dispatch_table is left out: lazy imports, e.g. sympy through torch, add to it)
+    return (storages, torch.get_default_dtype(), dict(copyreg._extension_registry),
+            dict(copyreg._inverted_registry), dataclasses.astuple(tg.LIMITS))
 
 
 def _alarm(signum: int, frame: Any) -> None:
@@ -409,7 +410,7 @@ def check_case(path: Path, per_case_s: int) -> tuple[str, str | None]:
             signal.alarm(0)
         if not failure and process_state() != state:
             failure = f"{what}: the process state changed (storage dtypes, default dtype, " \
-                      "copyreg tables or limits)"
+                      "copyreg extension registry or limits)"
         if failure:
             break
     return outcome, failure

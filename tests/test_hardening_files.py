@@ -633,6 +633,17 @@ def test_diff_plan_text_escapes(tmp_path: Path, capsys) -> None:
     assert "0.weight\\e[2J" in out.out
 
 
+def test_convert_text_escapes(tmp_path: Path, capsys) -> None:
+    shared = torch.ones(3)
+    src = tmp_path / "tied.pth"
+    torch.save({"a\x1b[2J": shared, "b\x07": shared}, src)
+    dst = tmp_path / "out.safetensors"
+    assert cli_main(["convert", str(src), str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "shared, stored once" in out
+    assert "\x1b" not in out and "\x07" not in out and "a\\e[2J" in out
+
+
 def test_colour_codes_survive_and_hostile_ones_do_not() -> None:
     from torchgraft.cli.common import Style, terminal_lines
 

@@ -24,7 +24,7 @@ import traceback
 from .. import __version__
 from ..errors import TorchgraftError
 from . import check, convert, demo, diff, inspect
-from .common import CliError, one_line
+from .common import CliError, escape_text, one_line
 
 COMMANDS = (inspect, diff, convert, check, demo)
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, TorchgraftError) as err:
         if debug:
             traceback.print_exc()
-        print(f"torchgraft: error: {one_line(err)}", file=sys.stderr)
+        print(f"torchgraft: error: {escape_text(one_line(err))}", file=sys.stderr)
         return getattr(err, "code", 2) if isinstance(err, CliError) else 2
     except KeyboardInterrupt:
         print("torchgraft: interrupted", file=sys.stderr)
@@ -80,6 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if debug:
             traceback.print_exc()
-        print(f"torchgraft: error: {type(err).__name__}: {one_line(err)} "
+        print(f"torchgraft: error: {type(err).__name__}: {escape_text(one_line(err))} "
               "(unexpected; rerun with --debug for the traceback)", file=sys.stderr)
         return 2

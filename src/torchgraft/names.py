@@ -281,23 +281,44 @@ def _component_prefixes(names: Mapping[str, Shape]) -> set[str]:
     return out
 
 
+def _canonical(strip: str, add: str) -> tuple[str, str]:
+    """The rule without the trailing components both sides share: ``('module.backbone.',
+    'backbone.')`` -> ``('module.', '')``, the general rule it is a part of."""
+    s, a = strip.split(".")[:-1], add.split(".")[:-1]
+    while s and a and s[-1] == a[-1]:
+        s, a = s[:-1], a[:-1]
+    return "".join(p + "." for p in s), "".join(p + "." for p in a)
+
+
+def _second_copy(strip: str, add: str, names: list[str], fixed: set[str],
+                 cache: dict[tuple[str, str], bool]) -> bool:
+    """Whether the general form of the rule would put some checkpoint tensor onto a model name
+    a checkpoint tensor already fills: then its prefix holds a second copy of the weights
+    (``ema.``, ``teacher.``), not the missing ones."""
+    key = _canonical(strip, add)
+    if key not in cache:
+        cs, ca = key
+        k = len(cs)
+        cache[key] = any(n.startswith(cs) and ca + n[k:] in fixed and ca + n[k:] != n
+                         for n in names)
+    return cache[key]
+
+
 def _rule_kind(strip: str, add: str, model_prefixes: set[str]) -> str | None:
-    """``"wrap"``, ``"flatten"`` or None for a rule auto must not try.
+    """``"wrap"``, ``"flatten"``, ``"translate"``, or None for a rule auto must not try.
 
     Without their common trailing components, ``"wrap"`` has one side empty (a wrapper such as
     ``module.`` or ``backbone.`` taken off or put on), ``"flatten"`` has the same name with ``.``
     for ``_`` on both sides (timm ``features_only``), ``"translate"`` has two different names
-    (``encoder.`` -> ``backbone.``: it must then account for most of the checkpoint or of the
-    model). Moving a module the model has onto a sibling of it (``conv1_BN.`` -> ``conv2_BN.``)
-    is never tried.
+    (``encoder.`` -> ``backbone.``: tried only when no other kind fits, and it must account for
+    every checkpoint tensor that does not fit and most of the model). Moving a module the model
+    has onto a sibling of it (``conv1_BN.`` -> ``conv2_BN.``) is never tried.
     """
-    s, a = strip.split(".")[:-1], add.split(".")[:-1]
-    while s and a and s[-1] == a[-1]:
-        s, a = s[:-1], a[:-1]
+    s, a = _canonical(strip, add)
     if not (s and a):
         kind = "wrap"
     else:
-        kind = "flatten" if "_".join(s) == "_".join(a) else "translate"
+        kind = "flatten" if s.replace(".", "_") == a.replace(".", "_") else "translate"
     if (strip and add and strip in model_prefixes
             and not strip.startswith(add) and not add.startswith(strip)):
         return None
@@ -305,9 +326,13 @@ def _rule_kind(strip: str, add: str, model_prefixes: set[str]) -> str | None:
 
 
 def _candidates(free: dict[str, tuple[str, Shape]], free_model: dict[str, Shape],
-                held: set[str], model_prefixes: set[str], total: int) -> list[_Rule]:
-    """Every admissible rule that makes at least one free checkpoint tensor fit the model;
-    ``total`` is the smaller of the checkpoint's and the model's tensor counts."""
+                names: list[str], fixed: set[str], model_prefixes: set[str]) -> list[_Rule]:
+    """Every admissible rule that makes at least one free checkpoint tensor fit the model.
+
+    ``free``: checkpoint tensors that do not fit the model as named (src -> (name, shape));
+    ``free_model``: model names no checkpoint tensor has; ``names``: every checkpoint name now;
+    ``fixed``: the names of the tensors that fit (never moved).
+    """
     by_strip: dict[str, dict[str, tuple[str, Shape]]] = {}
     for sp in _prefix_candidates([cur for cur, _ in free.values()]):
         k = len(sp)
@@ -317,30 +342,27 @@ def _candidates(free: dict[str, tuple[str, Shape]], free_model: dict[str, Shape]
         k = len(ap)
         by_add[ap] = {n[k:]: shp for n, shp in free_model.items() if n.startswith(ap)}
     rules = []
+    copies: dict[tuple[str, str], bool] = {}
     for sp, rest in by_strip.items():
         for ap, under in by_add.items():
             if sp == ap:
                 continue
             named = rest.keys() & under.keys()
             hits = [r for r in named if rest[r][1] == under[r]]
-            # most of what a rule renames must land on model names, most of those with the
-            # model's shape: a few coincidental matches never justify renaming
+            # most of those with the model's shape: coincidences never justify renaming
             if not hits or len(hits) * 2 < len(named):
                 continue
             kind = _rule_kind(sp, ap, model_prefixes)
-            if kind is None or (kind == "translate" and len(hits) * 2 <= total):
+            if kind is None or (kind == "translate" and (
+                    len(named) < len(free) or len(named) * 2 <= len(free_model))) \
+                    or _second_copy(sp, ap, names, fixed, copies):
                 continue
-            moves = {s: ap + r for r, (s, _) in rest.items()
-                     if r in named or not _collides(ap + r, sp, rest, held)}
-            if len(named) * 2 <= len(moves):
+            # it must explain most of the names under its prefix on one side or the other
+            if len(named) * 2 <= len(rest) and len(named) * 2 <= len(under):
                 continue
+            moves = {rest[r][0]: ap + r for r in named}
             rules.append(_Rule(sp, ap, kind, moves, {rest[r][0]: ap + r for r in hits}))
     return rules
-
-
-def _collides(new: str, sp: str, rest: Mapping[str, object], held: set[str]) -> bool:
-    """``new`` is a name the checkpoint holds and this rule does not move away."""
-    return new in held and not (new.startswith(sp) and new[len(sp):] in rest)
 
 
 def _pick(cands: list[_Rule], out: NameMap) -> _Rule:
@@ -395,26 +417,27 @@ def count_matches(names: Mapping[str, str], src: Mapping[str, Shape],
 def _apply_auto(names: dict[str, str], src: Mapping[str, Shape],
                 model: Mapping[str, Shape], out: NameMap) -> dict[str, str]:
     held = set(names.values())
-    free = {s: (cur, src[s]) for s, cur in names.items() if cur not in model}
+    free = {s: (cur, src[s]) for s, cur in names.items() if model.get(cur) != src[s]}
     free_model = {n: shp for n, shp in model.items() if n not in held}
     if not free or not free_model:
         return names
     model_prefixes = _component_prefixes(model)
+    fixed = {cur for s, cur in names.items() if s not in free}
     result = dict(names)
     chosen: list[_Rule] = []
     while len(chosen) < MAX_RULES:
-        cands = _candidates(free, free_model, held, model_prefixes,
-                            min(len(names), len(model)))
+        cands = _candidates(free, free_model, list(result.values()), fixed, model_prefixes)
         if chosen:  # after a flatten rule, only its siblings ('stages.1.' after 'stages.0.')
             cands = [r for r in cands if r.kind == "flatten"]
+        elif any(r.kind != "translate" for r in cands):  # translating names is a last resort
+            cands = [r for r in cands if r.kind != "translate"]
         if not cands:
             break
         rule = _pick(cands, out)
         desc = "auto: " + rule.describe()
         for s, new in rule.moves.items():
-            held.discard(result[s])
-            held.add(new)
-            free_model.pop(new, None)
+            fixed.add(new)
+            free_model.pop(new)
             free.pop(s)
             result[s] = new
             _note(out, s, desc)

@@ -290,7 +290,7 @@ def _canonical(strip: str, add: str) -> tuple[str, str]:
     return "".join(p + "." for p in s), "".join(p + "." for p in a)
 
 
-def _second_copy(strip: str, add: str, names: list[str], fixed: set[str],
+def _second_copy(strip: str, add: str, names: list[str], fixed: Mapping[str, Shape],
                  cache: dict[tuple[str, str], bool]) -> bool:
     """Whether the general form of the rule would put some checkpoint tensor onto a model name
     a checkpoint tensor already fills: then its prefix holds a second copy of the weights
@@ -302,6 +302,18 @@ def _second_copy(strip: str, add: str, names: list[str], fixed: set[str],
         cache[key] = any(n.startswith(cs) and ca + n[k:] in fixed and ca + n[k:] != n
                          for n in names)
     return cache[key]
+
+
+def _loaded_elsewhere(rest: Mapping[str, tuple[str, Shape]], fixed: Mapping[str, Shape],
+                      homes: list[str]) -> bool:
+    """Whether most of these tensors match, by name and shape, tensors that already fit under
+    one prefix of the model: they are a second copy of those (an EMA, a teacher), and no rule
+    may put them anywhere else."""
+    for home in homes:
+        same = sum(1 for r, (_, shp) in rest.items() if fixed.get(home + r) == shp)
+        if same * 2 > len(rest):
+            return True
+    return False
 
 
 def _rule_kind(strip: str, add: str, model_prefixes: set[str]) -> str | None:
@@ -326,12 +338,14 @@ def _rule_kind(strip: str, add: str, model_prefixes: set[str]) -> str | None:
 
 
 def _candidates(free: dict[str, tuple[str, Shape]], free_model: dict[str, Shape],
-                names: list[str], fixed: set[str], model_prefixes: set[str]) -> list[_Rule]:
+                names: list[str], fixed: dict[str, Shape], fitted: dict[str, Shape],
+                model_prefixes: set[str]) -> list[_Rule]:
     """Every admissible rule that makes at least one free checkpoint tensor fit the model.
 
     ``free``: checkpoint tensors that do not fit the model as named (src -> (name, shape));
     ``free_model``: model names no checkpoint tensor has; ``names``: every checkpoint name now;
-    ``fixed``: the names of the tensors that fit (never moved).
+    ``fixed``: the names (and shapes) of the tensors that fit (never moved); ``fitted``: those
+    that fit before any rule.
     """
     by_strip: dict[str, dict[str, tuple[str, Shape]]] = {}
     for sp in _prefix_candidates([cur for cur, _ in free.values()]):
@@ -343,7 +357,10 @@ def _candidates(free: dict[str, tuple[str, Shape]], free_model: dict[str, Shape]
         by_add[ap] = {n[k:]: shp for n, shp in free_model.items() if n.startswith(ap)}
     rules = []
     copies: dict[tuple[str, str], bool] = {}
+    homes = _prefix_candidates(list(fitted))
     for sp, rest in by_strip.items():
+        if _loaded_elsewhere(rest, fitted, homes):
+            continue
         for ap, under in by_add.items():
             if sp == ap:
                 continue
@@ -422,11 +439,13 @@ def _apply_auto(names: dict[str, str], src: Mapping[str, Shape],
     if not free or not free_model:
         return names
     model_prefixes = _component_prefixes(model)
-    fixed = {cur for s, cur in names.items() if s not in free}
+    fixed = {cur: model[cur] for s, cur in names.items() if s not in free}
+    fitted = dict(fixed)
     result = dict(names)
     chosen: list[_Rule] = []
     while len(chosen) < MAX_RULES:
-        cands = _candidates(free, free_model, list(result.values()), fixed, model_prefixes)
+        cands = _candidates(free, free_model, list(result.values()), fixed, fitted,
+                            model_prefixes)
         if chosen:  # after a flatten rule, only its siblings ('stages.1.' after 'stages.0.')
             cands = [r for r in cands if r.kind == "flatten"]
         elif any(r.kind != "translate" for r in cands):  # translating names is a last resort
@@ -436,7 +455,7 @@ def _apply_auto(names: dict[str, str], src: Mapping[str, Shape],
         rule = _pick(cands, out)
         desc = "auto: " + rule.describe()
         for s, new in rule.moves.items():
-            fixed.add(new)
+            fixed[new] = model[new]
             free_model.pop(new)
             free.pop(s)
             result[s] = new

@@ -323,7 +323,7 @@ def _rule_kind(strip: str, add: str, model_prefixes: set[str]) -> str | None:
     ``module.`` or ``backbone.`` taken off or put on), ``"flatten"`` has the same name with ``.``
     for ``_`` on both sides (timm ``features_only``), ``"translate"`` has two different names
     (``encoder.`` -> ``backbone.``: tried only when no other kind fits, and it must account for
-    every checkpoint tensor that does not fit and most of the model). Moving a module the model
+    every checkpoint tensor that does not fit and for most of the model). Moving a module the model
     has onto a sibling of it (``conv1_BN.`` -> ``conv2_BN.``) is never tried.
     """
     s, a = _canonical(strip, add)
@@ -339,13 +339,13 @@ def _rule_kind(strip: str, add: str, model_prefixes: set[str]) -> str | None:
 
 def _candidates(free: dict[str, tuple[str, Shape]], free_model: dict[str, Shape],
                 names: list[str], fixed: dict[str, Shape], fitted: dict[str, Shape],
-                model_prefixes: set[str]) -> list[_Rule]:
+                model_prefixes: set[str], n_model: int) -> list[_Rule]:
     """Every admissible rule that makes at least one free checkpoint tensor fit the model.
 
     ``free``: checkpoint tensors that do not fit the model as named (src -> (name, shape));
     ``free_model``: model names no checkpoint tensor has; ``names``: every checkpoint name now;
     ``fixed``: the names (and shapes) of the tensors that fit (never moved); ``fitted``: those
-    that fit before any rule.
+    that fit before any rule; ``n_model``: the model's tensor count.
     """
     by_strip: dict[str, dict[str, tuple[str, Shape]]] = {}
     for sp in _prefix_candidates([cur for cur, _ in free.values()]):
@@ -371,7 +371,7 @@ def _candidates(free: dict[str, tuple[str, Shape]], free_model: dict[str, Shape]
                 continue
             kind = _rule_kind(sp, ap, model_prefixes)
             if kind is None or (kind == "translate" and (
-                    len(named) < len(free) or len(named) * 2 <= len(free_model))) \
+                    len(named) < len(free) or len(named) * 2 <= n_model)) \
                     or _second_copy(sp, ap, names, fixed, copies):
                 continue
             # it must explain most of the names under its prefix on one side or the other
@@ -445,7 +445,7 @@ def _apply_auto(names: dict[str, str], src: Mapping[str, Shape],
     chosen: list[_Rule] = []
     while len(chosen) < MAX_RULES:
         cands = _candidates(free, free_model, list(result.values()), fixed, fitted,
-                            model_prefixes)
+                            model_prefixes, len(model))
         if chosen:  # after a flatten rule, only its siblings ('stages.1.' after 'stages.0.')
             cands = [r for r in cands if r.kind == "flatten"]
         elif any(r.kind != "translate" for r in cands):  # translating names is a last resort

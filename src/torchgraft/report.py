@@ -14,6 +14,10 @@ from typing import Any
 
 ACTIONS = ("copied", "cast", "skipped", "missing", "unexpected")
 
+#: Below this fraction of the model's elements a load is called partial: ``tg.load`` warns and
+#: ``torchgraft diff`` prints a warning line (``min_loaded=`` / ``--min-loaded`` make it an error).
+LOW_LOAD_WARNING = 0.5
+
 
 @dataclass(slots=True)
 class Entry:
@@ -219,7 +223,7 @@ def format_report(r: LoadReport) -> str:
     fmt = f" [{r.format}]" if r.format else ""
     sel = f", selected '{r.selected}'" if r.selected else ""
     lines = [
-        f"torchgraft: {verb} {_pct(r.loaded_fraction)} of model elements "
+        f"torchgraft: {verb} {fmt_fraction(r.loaded_fraction)} of model elements "
         f"({loaded}/{n_model} tensors){where}{fmt}{sel}",
         f"  copied {c['copied']} · cast {c['cast']} · skipped {c['skipped']} · "
         f"missing {c['missing']} · unexpected {c['unexpected']}",
@@ -248,12 +252,37 @@ def format_report(r: LoadReport) -> str:
         verb = "it was" if len(r.placeholders) == 1 else "they were"
         lines.append(f"  not executed: the file references {names}; {verb} not run")
     if r.error:
-        lines.append(f"  FAILED: {r.error.splitlines()[0]}")
+        lines.append(f"  FAILED: {error_summary(r.error)}")
     return "\n".join(lines)
 
 
-def _pct(frac: float) -> str:
-    """``100%`` only when everything loaded; otherwise never rounds up to it."""
+def error_summary(error: str, limit: int = 3) -> str:
+    """An error message on one line: its first line and, when that ends in a colon (a list
+    follows), the first ``limit`` items of the list, so the line never ends in ``:``."""
+    raw = [ln for ln in str(error).splitlines() if ln.strip()]
+    if not raw:
+        return "the load would fail"
+    head = raw[0].strip()
+    if not head.endswith(":"):
+        return head
+    items = []
+    for ln in raw[1:]:
+        if not ln[:1].isspace():
+            break
+        items.append(ln.strip())
+    if not items:
+        return head[:-1]
+    more = len(items) - limit
+    return f"{head} {'; '.join(items[:limit])}" + (f"; ... ({more} more)" if more > 0 else "")
+
+
+def fmt_fraction(frac: float) -> str:
+    """``100%`` only when everything loaded, ``0%`` only when nothing did: never rounds up to
+    100 nor down to 0 (``<0.01%``)."""
     if frac >= 1.0:
         return "100%"
+    if frac <= 0.0:
+        return "0%"
+    if frac < 0.0001:
+        return "<0.01%"
     return f"{min(frac * 100, 99.99):.2f}%"

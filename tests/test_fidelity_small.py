@@ -166,3 +166,26 @@ def test_ambiguous_checkpoint_fails_check_and_diff(tmp_path, capsys, command):
     assert code == 1 and not res["ok"] and res["report"] is None
     code, out, _ = run(capsys, command, *args, "--prefix", "teacher")
     assert code == 0
+
+
+# --- inspect: parameters and buffers ----------------------------------------------------------
+
+
+def test_inspect_counts_buffers_apart_when_the_file_tells(tmp_path, capsys):
+    from torchgraft.inspect_ import inspect_checkpoint
+
+    model = tiny_net()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_buffers = sum(b.numel() for b in model.buffers())
+    torch.save(model, tmp_path / "whole.pt")  # a whole pickled module: it knows its buffers
+    torch.save(model.state_dict(), tmp_path / "plain.pth")  # a plain state dict does not
+    (whole,) = inspect_checkpoint(tmp_path / "whole.pt")["candidates"]
+    assert (whole["parameters"], whole["buffers"]) == (n_params, n_buffers)
+    assert whole["elements"] == n_params + n_buffers
+    (plain,) = inspect_checkpoint(tmp_path / "plain.pth")["candidates"]
+    assert plain["parameters"] is None and plain["buffers"] is None
+    assert plain["elements"] == n_params + n_buffers
+    code, out, _ = run(capsys, "inspect", tmp_path / "plain.pth")
+    assert code == 0 and f"{n_params + n_buffers} elements" in out and "params" not in out
+    code, out, _ = run(capsys, "inspect", tmp_path / "whole.pt")
+    assert code == 0 and f"{n_params} params + {n_buffers} buffers" in out

@@ -322,8 +322,8 @@ def _rule_kind(strip: str, add: str, model_prefixes: set[str]) -> str | None:
     Without their common trailing components, ``"wrap"`` has one side empty (a wrapper such as
     ``module.`` or ``backbone.`` taken off or put on), ``"flatten"`` has the same name with ``.``
     for ``_`` on both sides (timm ``features_only``), ``"translate"`` has two different names
-    (``encoder.`` -> ``backbone.``: tried only when no other kind fits, and it must account for
-    every checkpoint tensor that does not fit and for most of the model). Moving a module the model
+    (``encoder.`` -> ``backbone.``: it must account for every checkpoint tensor that does not
+    fit and for most of the model). Moving a module the model
     has onto a sibling of it (``conv1_BN.`` -> ``conv2_BN.``) is never tried.
     """
     s, a = _canonical(strip, add)
@@ -374,8 +374,10 @@ def _candidates(free: dict[str, tuple[str, Shape]], free_model: dict[str, Shape]
                     len(named) < len(free) or len(named) * 2 <= n_model)) \
                     or _second_copy(sp, ap, names, fixed, copies):
                 continue
-            # it must explain most of the names under its prefix on one side or the other
-            if len(named) * 2 <= len(rest) and len(named) * 2 <= len(under):
+            # it must explain most of the names under its prefix, or fill most of the model's
+            # free names under its target with (strictly) mostly the right shapes
+            if len(named) * 2 <= len(rest) and (len(named) * 2 <= len(under)
+                                                 or len(hits) * 2 <= len(named)):
                 continue
             moves = {rest[r][0]: ap + r for r in named}
             rules.append(_Rule(sp, ap, kind, moves, {rest[r][0]: ap + r for r in hits}))
@@ -448,8 +450,6 @@ def _apply_auto(names: dict[str, str], src: Mapping[str, Shape],
                             model_prefixes, len(model))
         if chosen:  # after a flatten rule, only its siblings ('stages.1.' after 'stages.0.')
             cands = [r for r in cands if r.kind == "flatten"]
-        elif any(r.kind != "translate" for r in cands):  # translating names is a last resort
-            cands = [r for r in cands if r.kind != "translate"]
         if not cands:
             break
         rule = _pick(cands, out)

@@ -388,6 +388,17 @@ def restricted_loads(
 # --- whole pickled modules ------------------------------------------------------------------
 
 
+class ModuleStateDict(dict):
+    """The state dict of a pickled ``nn.Module``; ``buffers`` names its buffers (the rest are
+    parameters), so ``inspect`` can count them apart."""
+
+    buffers: set[str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffers = set()
+
+
 def module_state(obj: Any) -> dict | None:
     """If ``obj`` is a placeholder for a pickled ``nn.Module``, the state dict it would produce."""
     if not isinstance(obj, Placeholder):
@@ -395,7 +406,7 @@ def module_state(obj: Any) -> dict | None:
     state = obj.state
     if not isinstance(state, dict) or "_parameters" not in state or "_modules" not in state:
         return None
-    out: dict[str, Any] = {}
+    out = ModuleStateDict()
     _collect_module(state, "", out, depth=0)
     return out
 
@@ -412,6 +423,8 @@ def _collect_module(state: dict, prefix: str, out: dict, depth: int) -> None:
     for name, value in _mapping_items(buffers):
         if isinstance(value, TensorRef) and name not in skip:
             out[prefix + str(name)] = value
+            if isinstance(out, ModuleStateDict):
+                out.buffers.add(prefix + str(name))
     for name, child in _mapping_items(state.get("_modules") or {}):
         if isinstance(child, Placeholder) and isinstance(child.state, dict):
             _collect_module(child.state, f"{prefix}{name}.", out, depth + 1)

@@ -145,11 +145,17 @@ def scenarios(draw) -> Scenario:
     if draw(st.booleans()):  # an unrelated sub-tree with its own (possibly equal) shapes
         extra = build(draw(trees(depth=1)))
         ep = draw(st.sampled_from(EXTRA_PREFIXES))
-        extra_state = _unique_state(extra, values)
-        ckpt.update({ep + n: t for n, t in extra_state.items()})
-        # where it has the model's names and shapes it is indistinguishable from a copy
-        shapes = {n: t.shape for n, t in truth.items()}
-        congruent = {model_pre + n: t for n, t in extra_state.items() if shapes.get(n) == t.shape}
+        extra_state = {ep + n: t for n, t in _unique_state(extra, values).items()}
+        ckpt.update(extra_state)
+        # where its names end in (or are the end of) a model name, with that name's shape, it is
+        # indistinguishable from a copy of that part of the model
+        congruent = {}
+        for m, mt in model.state_dict().items():
+            for e, t in extra_state.items():
+                if t.shape == mt.shape and (e.endswith("." + m) or m.endswith("." + e[len(ep):])
+                                            or m == e[len(ep):]):
+                    congruent[m] = t
+                    break
         if congruent:
             copies["extra"] = congruent
     # the model starts from values no checkpoint tensor has

@@ -195,12 +195,17 @@ def _regex_renamer(pairs: Sequence[tuple[str, str]]) -> Callable[[str], str]:
 # --- auto: reconcile leading components ------------------------------------------------------
 #
 # A rule renames checkpoint names under one leading run of components (``strip``) to another
-# (``add``). Rules are only ever tried on checkpoint tensors whose name is not a model name, and
-# only onto model names the checkpoint does not hold, so a tensor that already fits is never
-# moved and no two tensors ever end up on one name. A rule must make most of what it renames land
-# on model names, and must be clearly better than every rule that would fill the same model
-# tensors from other checkpoint tensors (or put the same tensors elsewhere); otherwise the load
-# is refused with :class:`AmbiguousRenameError`, listing the options that pick each candidate.
+# (``add``). It only moves checkpoint tensors that do not fit the model as named, and only onto
+# model names the checkpoint does not hold, so a tensor that already fits is never moved and no
+# two tensors ever end up on one name. A rule must explain most of the names under its prefix
+# (or fill most of the model's free names under its target), must not move a second copy of
+# weights already in place (``ema.``, ``teacher.``) elsewhere, and must be clearly better (twice
+# the matches) than every rule that would fill the same model tensors from other checkpoint
+# tensors (or put the same tensors elsewhere); otherwise the load is refused with
+# :class:`AmbiguousRenameError`, listing the ``prefix=``/``rename=`` that picks each candidate.
+# A tie between one plain copy and EMA copies goes to the plain copy (with a note), as in the
+# select stage. Several flatten rules (timm ``features_only``: ``stages.0.`` -> ``stages_0.``)
+# may apply together; every other kind applies alone.
 
 MAX_RULES = 16  # flatten rules (``stages.0.`` -> ``stages_0.``) applied together, at most
 _KINDS = ("wrap", "flatten", "translate")
@@ -304,6 +309,24 @@ def _second_copy(strip: str, add: str, names: list[str], fixed: Mapping[str, Sha
     return cache[key]
 
 
+def _general_form_explains(strip: str, add: str, free: Mapping[str, tuple[str, Shape]],
+                           free_model: Mapping[str, Shape],
+                           cache: dict[tuple[str, str], bool]) -> bool:
+    """Whether the rule's general form lands most of the free names under its prefix on model
+    names, or fills most of the free model names under its target."""
+    key = _canonical(strip, add)
+    if key == (strip, add):
+        return True
+    if key not in cache:
+        cs, ca = key
+        k = len(cs)
+        rest = [cur[k:] for cur, _ in free.values() if cur.startswith(cs)]
+        named = sum(1 for r in rest if ca + r in free_model)
+        under = sum(1 for m in free_model if m.startswith(ca))
+        cache[key] = named * 2 > len(rest) or named * 2 > under
+    return cache[key]
+
+
 def _loaded_elsewhere(rest: Mapping[str, tuple[str, Shape]], fixed: Mapping[str, Shape],
                       homes: list[str]) -> bool:
     """Whether most of these tensors match, by name and shape, tensors that already fit under
@@ -323,8 +346,8 @@ def _rule_kind(strip: str, add: str, model_prefixes: set[str]) -> str | None:
     ``module.`` or ``backbone.`` taken off or put on), ``"flatten"`` has the same name with ``.``
     for ``_`` on both sides (timm ``features_only``), ``"translate"`` has two different names
     (``encoder.`` -> ``backbone.``: it must account for every checkpoint tensor that does not
-    fit and for most of the model). Moving a module the model
-    has onto a sibling of it (``conv1_BN.`` -> ``conv2_BN.``) is never tried.
+    fit and for most of the model). Moving a module the model has onto a sibling of it
+    (``conv1_BN.`` -> ``conv2_BN.``) is never tried.
     """
     s, a = _canonical(strip, add)
     if not (s and a):
@@ -357,6 +380,7 @@ def _candidates(free: dict[str, tuple[str, Shape]], free_model: dict[str, Shape]
         by_add[ap] = {n[k:]: shp for n, shp in free_model.items() if n.startswith(ap)}
     rules = []
     copies: dict[tuple[str, str], bool] = {}
+    general: dict[tuple[str, str], bool] = {}
     homes = _prefix_candidates(list(fitted))
     for sp, rest in by_strip.items():
         if _loaded_elsewhere(rest, fitted, homes):
@@ -367,7 +391,7 @@ def _candidates(free: dict[str, tuple[str, Shape]], free_model: dict[str, Shape]
             named = rest.keys() & under.keys()
             hits = [r for r in named if rest[r][1] == under[r]]
             # most of those with the model's shape: coincidences never justify renaming
-            if not hits or len(hits) * 2 < len(named):
+            if len(hits) * 2 <= len(named):
                 continue
             kind = _rule_kind(sp, ap, model_prefixes)
             if kind is None or (kind == "translate" and (
@@ -376,8 +400,11 @@ def _candidates(free: dict[str, tuple[str, Shape]], free_model: dict[str, Shape]
                 continue
             # it must explain most of the names under its prefix, or fill most of the model's
             # free names under its target with (strictly) mostly the right shapes
-            if len(named) * 2 <= len(rest) and (len(named) * 2 <= len(under)
-                                                 or len(hits) * 2 <= len(named)):
+            if len(named) * 2 <= len(rest) and len(named) * 2 <= len(under):
+                continue
+            # and so must its general form ('aux.' -> '' for 'aux.backbone.' -> 'backbone.'):
+            # a sub-tree that happens to fit is a coincidence
+            if not _general_form_explains(sp, ap, free, free_model, general):
                 continue
             moves = {rest[r][0]: ap + r for r in named}
             rules.append(_Rule(sp, ap, kind, moves, {rest[r][0]: ap + r for r in hits}))
@@ -455,7 +482,8 @@ def _apply_auto(names: dict[str, str], src: Mapping[str, Shape],
         rule = _pick(cands, out)
         desc = "auto: " + rule.describe()
         for s, new in rule.moves.items():
-            fixed[new] = model[new]
+            if model[new] == src[s]:
+                fixed[new] = model[new]
             free_model.pop(new)
             free.pop(s)
             result[s] = new

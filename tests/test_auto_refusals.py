@@ -275,3 +275,4 @@ def test_timm_features_only_convnext_is_mapped_stage_by_stage_or_refused():
     for k, v in model.state_dict().items():
         assert torch.equal(v, flat[k]), k
     assert _rule_count(report) == report.counts["copied"]
+    assert "rename 'stages.{0..3}.' -> 'stages_{0..3}.'" in report.rules[0]

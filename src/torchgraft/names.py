@@ -460,6 +460,27 @@ def count_matches(names: Mapping[str, str], src: Mapping[str, Shape],
     return n
 
 
+def _describe_all(rules: list[_Rule]) -> str:
+    """``rename 'stages.{0..3}.' -> 'stages_{0..3}.'`` for flatten rules that differ only in one
+    index; every other rule as it is."""
+    groups: dict[tuple[str, str], list[_Rule]] = {}
+    for r in rules:
+        key = (re.sub(r"\d+", "#", r.strip), re.sub(r"\d+", "#", r.add))
+        groups.setdefault(key, []).append(r)
+    parts = []
+    for (s_pat, a_pat), members in groups.items():
+        nums = [re.findall(r"\d+", r.strip) for r in members]
+        if (len(members) > 1 and s_pat.count("#") == 1 and a_pat.count("#") == 1
+                and all(re.findall(r"\d+", r.add) == n for r, n in zip(members, nums))):
+            vals = sorted(int(n[0]) for n in nums)
+            span = (f"{{{vals[0]}..{vals[-1]}}}" if vals == list(range(vals[0], vals[-1] + 1))
+                    else "{" + ",".join(map(str, vals)) + "}")
+            parts.append(f"rename {s_pat.replace('#', span)!r} -> {a_pat.replace('#', span)!r}")
+        else:
+            parts += [r.describe() for r in sorted(members, key=lambda r: r.strip)]
+    return "; ".join(parts)
+
+
 def _apply_auto(names: dict[str, str], src: Mapping[str, Shape],
                 model: Mapping[str, Shape], out: NameMap) -> dict[str, str]:
     held = set(names.values())
@@ -495,8 +516,6 @@ def _apply_auto(names: dict[str, str], src: Mapping[str, Shape],
         return names
     out.auto_rule = (chosen[0].strip, chosen[0].add)
     base, after = count_matches(names, src, model), count_matches(result, src, model)
-    if len(chosen) > 1:  # flatten rules, independent of each other
-        chosen.sort(key=lambda r: r.strip)
-    out.rules.append("auto: " + "; ".join(r.describe() for r in chosen)
+    out.rules.append("auto: " + _describe_all(chosen)
                      + f" (matches {after} tensors by name and shape instead of {base})")
     return result

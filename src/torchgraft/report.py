@@ -14,10 +14,6 @@ from typing import Any
 
 ACTIONS = ("copied", "cast", "skipped", "missing", "unexpected")
 
-#: Below this fraction of the model's elements a load is called partial: ``tg.load`` warns and
-#: ``torchgraft diff`` prints a warning line (``min_loaded=`` / ``--min-loaded`` make it an error).
-LOW_LOAD_WARNING = 0.5
-
 
 @dataclass(slots=True)
 class Entry:
@@ -178,6 +174,10 @@ def group_names(names: list[str]) -> list[str]:
 
 MAX_GROUP_LINES = 6
 
+#: Below this fraction of the model's elements a load is called partial: ``tg.load`` warns and
+#: ``torchgraft diff`` prints a warning line (``min_loaded=`` / ``--min-loaded`` make it an error).
+LOW_LOAD_WARNING = 0.5
+
 
 def _shape(s: tuple[int, ...] | None) -> str:
     return "-" if s is None else "[" + ", ".join(map(str, s)) + "]"
@@ -223,7 +223,7 @@ def format_report(r: LoadReport) -> str:
     fmt = f" [{r.format}]" if r.format else ""
     sel = f", selected '{r.selected}'" if r.selected else ""
     lines = [
-        f"torchgraft: {verb} {fmt_fraction(r.loaded_fraction)} of model elements "
+        f"torchgraft: {verb} {_pct(r.loaded_fraction)} of model elements "
         f"({loaded}/{n_model} tensors){where}{fmt}{sel}",
         f"  copied {c['copied']} · cast {c['cast']} · skipped {c['skipped']} · "
         f"missing {c['missing']} · unexpected {c['unexpected']}",
@@ -286,3 +286,6 @@ def fmt_fraction(frac: float) -> str:
     if frac < 0.0001:
         return "<0.01%"
     return f"{min(frac * 100, 99.99):.2f}%"
+
+
+_pct = fmt_fraction

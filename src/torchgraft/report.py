@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ACTIONS = ("copied", "cast", "skipped", "missing", "unexpected")
+ACTIONS = ("copied", "cast", "adapted", "skipped", "missing", "unexpected")
 
 
 @dataclass(slots=True)
@@ -79,7 +79,7 @@ class LoadReport:
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(ACTIONS, 0)
         for e in self.entries:
-            out[e.action] += 1
+            out[e.action] = out.get(e.action, 0) + 1
         return out
 
     def __iter__(self):  # ``missing, unexpected = report`` works as with torch
@@ -217,7 +217,7 @@ def format_report(r: LoadReport) -> str:
     """The summary ``str(report)`` prints: counts first, then every non-copied group."""
     c = r.counts
     n_model = sum(1 for e in r.entries if e.target is not None)
-    loaded = c["copied"] + c["cast"]
+    loaded = c["copied"] + c["cast"] + c["adapted"]
     verb = "loaded" if r.applied else "would load"
     where = f" from {r.source}" if r.source else ""
     fmt = f" [{r.format}]" if r.format else ""
@@ -225,7 +225,9 @@ def format_report(r: LoadReport) -> str:
     lines = [
         f"torchgraft: {verb} {_pct(r.loaded_fraction)} of model elements "
         f"({loaded}/{n_model} tensors){where}{fmt}{sel}",
-        f"  copied {c['copied']} · cast {c['cast']} · skipped {c['skipped']} · "
+        f"  copied {c['copied']} · cast {c['cast']} · "
+        + (f"adapted {c['adapted']} · " if c["adapted"] else "")
+        + f"skipped {c['skipped']} · "
         f"missing {c['missing']} · unexpected {c['unexpected']}",
     ]
     for rule in r.rules:
@@ -241,6 +243,14 @@ def format_report(r: LoadReport) -> str:
     if casts:
         kinds = OrderedDict.fromkeys(e.reason for e in casts)
         lines.append(f"  cast ({len(casts)}): " + "; ".join(kinds))
+    adapted = r.by_action("adapted")
+    if adapted:
+        lines.append(f"  adapted ({len(adapted)}):")
+        for e in adapted[:MAX_GROUP_LINES]:
+            lines.append(f"    {e.target}: {_shape(e.source_shape)} -> {_shape(e.target_shape)}"
+                         f"  ({e.reason})")
+        if len(adapted) > MAX_GROUP_LINES:
+            lines.append(f"    ... and {len(adapted) - MAX_GROUP_LINES} more")
     mism = r.mismatched
     _section("skipped, shape mismatch", mism, lines, detail=True)
     other_skips = [e for e in r.by_action("skipped") if e not in mism]

@@ -150,4 +150,11 @@ def describe_container(root: Any) -> str:
     """One line on what the container holds, for errors."""
     if isinstance(root, dict):
         return "a mapping with keys " + ", ".join(repr(k) for k in list(root)[:10])
+    hint = ("; torchgraft loads state dicts (names -> tensors): save {'name': tensor, ...} "
+            "instead, or read the file with torch.load")
+    if isinstance(root, TensorRef):
+        dt = str(root.dtype).replace("torch.", "")
+        return f"a single tensor (shape {list(root.shape)}, {dt}), not a state dict{hint}"
+    if isinstance(root, (list, tuple)) and root and all(isinstance(v, TensorRef) for v in root):
+        return f"a {type(root).__name__} of {len(root)} tensors without names{hint}"
     return f"a {type(root).__name__}"

@@ -18,6 +18,8 @@ import torch
 
 from ..errors import CheckpointNotFoundError, ReadError, UnsupportedFormatError
 from ..tensors import MemoryRef
+from . import tensor_kinds
+from .archives import describe_pt2, open_pt2, torchscript_declarations, torchscript_state
 from .base import Checkpoint, Format, register_format, registered_formats
 from .folder import open_folder
 from .numpy_files import NpzFormat, PickleFormat, arrays_to_refs
@@ -74,8 +76,41 @@ def _open_file(path: Path, trust: bool) -> Checkpoint:
         return _open_trusted(path)
     for fmt in registered_formats():
         if fmt.sniff(path, head):
-            return fmt.open(path, trust)
+            return _open_with(fmt, path, trust)
     raise UnsupportedFormatError(f"{path.name}: {describe_unknown(head, path)}")
+
+
+def _open_with(fmt: Format, path: Path, trust: bool) -> Checkpoint:
+    """``fmt.open`` plus what no single format sees: program archives (TorchScript, .pt2) and
+    tensors of a kind that cannot be rebuilt (never dropped: an error naming each)."""
+    made = tensor_kinds.UNSUPPORTED_MADE
+    try:
+        ckpt = fmt.open(path, trust)
+    except UnsupportedFormatError:
+        if not head_is_zip(path):
+            raise
+        ckpt = open_pt2(path)  # a torch.export archive: its weights
+        if ckpt is None:
+            pt2 = describe_pt2(path)
+            if pt2:
+                raise UnsupportedFormatError(pt2) from None
+            raise
+    if tensor_kinds.UNSUPPORTED_MADE != made:
+        tensor_kinds.raise_unsupported(ckpt.root, ckpt.name)
+    state = None
+    if getattr(ckpt.root, "qualname", "").startswith("__torch__."):
+        state = torchscript_state(ckpt.root, torchscript_declarations(path))
+    if state is not None:
+        ckpt.notes.append(f"TorchScript archive ({ckpt.root.qualname}): read the weights of its "
+                          "modules, as torch.jit.load(...).state_dict() gives them; its code was "
+                          "not run")
+        ckpt.root = state
+    return ckpt
+
+
+def head_is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def describe_unknown(head: bytes, path: Path) -> str:

@@ -35,7 +35,26 @@ DTYPES: dict[str, torch.dtype] = {
 for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
+for _name, _attr in (("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+                     ("F8_E8M0", "float8_e8m0fnu")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# F4: 4-bit floats, two per byte. The header counts 4-bit elements; torch (and safetensors'
+# loader) use float4_e2m1fn_x2, one element per byte, so the last dimension is halved. Not in
+# DTYPE_NAMES: a writer must double the last dimension itself.
+_F4 = getattr(torch, "float4_e2m1fn_x2", None)
+if _F4 is not None:
+    DTYPES["F4"] = _F4
+
+
+def _packed_f4_shape(name: str, shape: list[int]) -> tuple[int, ...]:
+    """The torch shape of an F4 entry: the last dimension (in 4-bit elements) halved."""
+    if not shape or shape[-1] % 2:
+        raise CorruptCheckpointError(
+            f"{name!r}: F4 shape {shape} has an odd or missing last dimension; two 4-bit "
+            "values share a byte, so it must be even")
+    return (*shape[:-1], shape[-1] // 2)
 
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -134,6 +153,9 @@ class SafetensorsFormat(Format):
             numel = _numel(shape)
             if numel is None:
                 raise CorruptCheckpointError(f"{name!r}: bad shape {shape!r}")
+            if dtype is _F4:
+                shape = _packed_f4_shape(name, shape)
+                numel //= 2
             if (type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int
                     or type(offs[1]) is not int):
                 raise CorruptCheckpointError(f"{name!r}: bad data_offsets {offs!r}")

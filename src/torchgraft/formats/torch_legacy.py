@@ -28,13 +28,29 @@ MAGIC = 0x1950A86A20F9469CFC6C
 _HEAD = b"\x80\x02\x8a\x0a" + MAGIC.to_bytes(10, "little")
 
 
+_MAGIC_LONG1 = b"\x8a\x0a" + MAGIC.to_bytes(10, "little")
+_MAGIC_TEXT = b"L" + str(MAGIC).encode() + b"L\n."  # protocols 0 and 1
+
+
+def _is_legacy_head(head: bytes) -> bool:
+    """The pickled magic number under any pickle protocol (``torch.save(pickle_protocol=N)``)."""
+    if head.startswith(_MAGIC_TEXT):
+        return True
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+        return False
+    body = head[2:]
+    if head[1] >= 4 and body[:1] == b"\x95":  # FRAME opcode and its 8-byte length
+        body = body[9:]
+    return body.startswith(_MAGIC_LONG1)
+
+
 class TorchLegacyFormat(Format):
     """Reads the legacy torch serialization lazily with the restricted unpickler."""
 
     name = "torch-legacy"
 
     def sniff(self, path: Path, head: bytes) -> bool:
-        return head.startswith(_HEAD)
+        return head.startswith(_HEAD) or _is_legacy_head(head)
 
     def open(self, path: Path, trust: bool = False) -> Checkpoint:
         fh = FileHandle(path)

@@ -26,6 +26,8 @@ import torch
 
 from ..errors import CorruptCheckpointError
 from ..tensors import TensorRef
+from .tensor_kinds import LAYOUTS, tensor_kind_globals, unknown_subclass, with_metadata
+from .tensor_kinds import REBUILDERS as KIND_REBUILDERS
 
 # --- placeholders ----------------------------------------------------------------------------
 
@@ -175,15 +177,20 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
         pair = None
     if pair is None or type(storage_offset) is not int or storage_offset < 0 or not isinstance(
             storage, StorageRef):
-        return _rebuild_tensor(storage, storage_offset, size, stride)
-    return storage.make_tensor(storage, storage.dtype, storage_offset, pair[0], pair[1])
+        ref = _rebuild_tensor(storage, storage_offset, size, stride)
+    else:
+        ref = storage.make_tensor(storage, storage.dtype, storage_offset, pair[0], pair[1])
+    if metadata:  # conj/neg bits (tensor_kinds)
+        return with_metadata(ref, metadata)
+    return ref
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
                        dtype, metadata=None):
     if not isinstance(dtype, torch.dtype):
         raise CorruptCheckpointError(f"bad tensor dtype {dtype!r}")
-    return _rebuild_tensor(storage, storage_offset, size, stride, dtype)
+    ref = _rebuild_tensor(storage, storage_offset, size, stride, dtype)
+    return with_metadata(ref, metadata) if metadata else ref
 
 
 def _rebuild_legacy(storage, storage_offset, size, stride):
@@ -195,8 +202,11 @@ def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
-    if func in _REBUILDERS and isinstance(args, tuple):
+    if (func in _REBUILDERS or func in KIND_REBUILDERS) and isinstance(args, tuple):
         return func(*args)
+    unsupported = unknown_subclass(func, new_type)  # a torch rebuilder torchgraft lacks
+    if unsupported is not None:
+        return unsupported
     return make_placeholder("torch._tensor._rebuild_from_type_v2")(func, new_type, args, state)
 
 
@@ -205,6 +215,7 @@ _REBUILDERS = {_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_legacy, _rebuild
 
 def _torch_globals() -> dict[str, Any]:
     allowed: dict[str, Any] = {
+        **tensor_kind_globals(),  # quantized, sparse, nested, meta, ... (tensor_kinds)
         "torch._utils._rebuild_tensor": _rebuild_legacy,
         "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
         "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
@@ -228,8 +239,8 @@ def _all_dtypes() -> list[torch.dtype]:
 
 
 def _get_layout(name: Any) -> Any:
-    if name == "torch.strided":
-        return torch.strided
+    if name in LAYOUTS:
+        return LAYOUTS[name]
     return make_placeholder(f"torch.serialization._get_layout({name!r})")()
 
 
@@ -321,6 +332,10 @@ _BASE_GLOBALS: dict[str, Any] = {
     "builtins.complex": complex,
     "builtins.slice": slice,
     "__builtin__.set": set,
+    "__builtin__.frozenset": frozenset,  # protocol-2 pickles name builtins __builtin__.*
+    "__builtin__.bytearray": _bytearray,
+    "__builtin__.complex": complex,
+    "__builtin__.slice": slice,
     "_codecs.encode": _codecs_encode,
     "copyreg._reconstructor": _reconstructor,
     "copy_reg._reconstructor": _reconstructor,

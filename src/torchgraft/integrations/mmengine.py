@@ -66,6 +66,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -234,7 +235,9 @@ class TorchgraftPretrained:
         print_log(f"torchgraft: loading {self.checkpoint} into {type(module).__name__}",
                   logger="current")
         try:
-            report = api.load(module, source, **self.options)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", api.LowLoadWarning)
+                report = api.load(module, source, **self.options)
         except TorchgraftError as err:
             failed = getattr(err, "report", None)
             if failed is not None:
@@ -243,6 +246,10 @@ class TorchgraftPretrained:
         self.report = report
         TorchgraftPretrained.last_report = report
         print_log(str(report), logger="current")
+        for w in caught:  # a low load: said in mmengine's log and as a Python warning
+            if issubclass(w.category, api.LowLoadWarning):
+                print_log(str(w.message), logger="current", level=logging.WARNING)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if hasattr(module, "_params_init_info"):
             update_init_info(module, init_info=self._get_init_info())
         return report

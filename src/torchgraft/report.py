@@ -176,7 +176,7 @@ MAX_GROUP_LINES = 6
 
 #: Below this fraction of the model's elements a load is called partial: ``tg.load`` warns and
 #: ``torchgraft diff`` prints a warning line (``min_loaded=`` / ``--min-loaded`` make it an error).
-LOW_LOAD_WARNING = 0.5
+LOW_LOAD_WARNING = 0.9
 
 
 def _shape(s: tuple[int, ...] | None) -> str:

@@ -345,9 +345,10 @@ def _rule_kind(strip: str, add: str, model_prefixes: set[str]) -> str | None:
     Without their common trailing components, ``"wrap"`` has one side empty (a wrapper such as
     ``module.`` or ``backbone.`` taken off or put on), ``"flatten"`` has the same name with ``.``
     for ``_`` on both sides (timm ``features_only``), ``"translate"`` has two different names
-    (``encoder.`` -> ``backbone.``: it must account for every checkpoint tensor that does not
-    fit and for most of the model). Moving a module the model has onto a sibling of it
-    (``conv1_BN.`` -> ``conv2_BN.``) is never tried.
+    (``encoder.`` -> ``backbone.``: only when no tensor fits as named, and it must account for
+    every checkpoint tensor and for most of the model; renaming one module of a model that
+    otherwise fits into another, ``fc.`` -> ``classifier.``, is a guess). Moving a module the
+    model has onto a sibling of it (``conv1_BN.`` -> ``conv2_BN.``) is never tried.
     """
     s, a = _canonical(strip, add)
     if not (s and a):
@@ -395,7 +396,7 @@ def _candidates(free: dict[str, tuple[str, Shape]], free_model: dict[str, Shape]
                 continue
             kind = _rule_kind(sp, ap, model_prefixes)
             if kind is None or (kind == "translate" and (
-                    len(named) < len(free) or len(named) * 2 <= n_model)) \
+                    fitted or len(named) < len(free) or len(named) * 2 <= n_model)) \
                     or _second_copy(sp, ap, names, fixed, copies):
                 continue
             # it must explain most of the names under its prefix, or fill most of the model's

@@ -356,8 +356,7 @@ def inspect_checkpoint(source: Any, *, stats: bool = False, trust: bool = False)
         "format": ckpt.format,
         "container": describe_container(ckpt.root, {c.path for c in cands}),
         "candidates": [{
-            "path": c.path, "tensors": len(c.tensors),
-            "parameters": sum(r.numel for r in c.tensors.values()),
+            "path": c.path, "tensors": len(c.tensors), **element_counts(ckpt.root, c),
             "bytes": sum(r.nbytes for r in c.tensors.values()),
             "dtypes": dict(Counter(dtype_name(r.dtype) for r in c.tensors.values())),
             "ema": c.is_ema, "selected": c.path == selected} for c in cands],
@@ -372,6 +371,21 @@ def inspect_checkpoint(source: Any, *, stats: bool = False, trust: bool = False)
         "notes": list(ckpt.notes),
         "stats": stats,
     }
+
+
+def element_counts(root: Any, cand: Any) -> dict[str, int | None]:
+    """Elements of a state dict, split into parameters and buffers when the file can tell (a
+    whole pickled module); otherwise ``parameters`` and ``buffers`` are None: a plain state
+    dict does not say which of its tensors are buffers (BatchNorm statistics...)."""
+    elements = sum(r.numel for r in cand.tensors.values())
+    node = root
+    for part in cand.path.split("/") if cand.path else []:
+        node = node.get(part) if isinstance(node, dict) else None
+    buffers = getattr(node, "buffers", None)
+    if not isinstance(buffers, set):
+        return {"elements": elements, "parameters": None, "buffers": None}
+    in_buffers = sum(r.numel for n, r in cand.tensors.items() if n in buffers)
+    return {"elements": elements, "parameters": elements - in_buffers, "buffers": in_buffers}
 
 
 def _size(path: Path | None) -> int | None:

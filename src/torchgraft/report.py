@@ -174,6 +174,10 @@ def group_names(names: list[str]) -> list[str]:
 
 MAX_GROUP_LINES = 6
 
+#: Below this fraction of the model's elements a load is called partial: ``tg.load`` warns and
+#: ``torchgraft diff`` prints a warning line (``min_loaded=`` / ``--min-loaded`` make it an error).
+LOW_LOAD_WARNING = 0.9
+
 
 def _shape(s: tuple[int, ...] | None) -> str:
     return "-" if s is None else "[" + ", ".join(map(str, s)) + "]"
@@ -258,12 +262,40 @@ def format_report(r: LoadReport) -> str:
         verb = "it was" if len(r.placeholders) == 1 else "they were"
         lines.append(f"  not executed: the file references {names}; {verb} not run")
     if r.error:
-        lines.append(f"  FAILED: {r.error.splitlines()[0]}")
+        lines.append(f"  FAILED: {error_summary(r.error)}")
     return "\n".join(lines)
 
 
-def _pct(frac: float) -> str:
-    """``100%`` only when everything loaded; otherwise never rounds up to it."""
+def error_summary(error: str, limit: int = 3) -> str:
+    """An error message on one line: its first line and, when that ends in a colon (a list
+    follows), the first ``limit`` items of the list, so the line never ends in ``:``."""
+    raw = [ln for ln in str(error).splitlines() if ln.strip()]
+    if not raw:
+        return "the load would fail"
+    head = raw[0].strip()
+    if not head.endswith(":"):
+        return head
+    items = []
+    for ln in raw[1:]:
+        if not ln[:1].isspace():
+            break
+        items.append(ln.strip())
+    if not items:
+        return head[:-1]
+    more = len(items) - limit
+    return f"{head} {'; '.join(items[:limit])}" + (f"; ... ({more} more)" if more > 0 else "")
+
+
+def fmt_fraction(frac: float) -> str:
+    """``100%`` only when everything loaded, ``0%`` only when nothing did: never rounds up to
+    100 nor down to 0 (``<0.01%``)."""
     if frac >= 1.0:
         return "100%"
+    if frac <= 0.0:
+        return "0%"
+    if frac < 0.0001:
+        return "<0.01%"
     return f"{min(frac * 100, 99.99):.2f}%"
+
+
+_pct = fmt_fraction

@@ -698,6 +698,17 @@ def _seekable(stream: Any) -> bool:
 # --- whole pickled modules ------------------------------------------------------------------
 
 
+class ModuleStateDict(dict):
+    """The state dict of a pickled ``nn.Module``; ``buffers`` names its buffers (the rest are
+    parameters), so ``inspect`` can count them apart."""
+
+    buffers: set[str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffers = set()
+
+
 def module_state(obj: Any) -> dict | None:
     """If ``obj`` is a placeholder for a pickled ``nn.Module``, the state dict it would produce.
 
@@ -710,7 +721,7 @@ def module_state(obj: Any) -> dict | None:
     state = obj.state
     if not isinstance(state, dict) or "_parameters" not in state or "_modules" not in state:
         return None
-    out: dict[str, Any] = {}
+    out = ModuleStateDict()
     seen: set[int] = set()
     stack: list[tuple[dict, str, int]] = [(state, "", 0)]
     while stack:
@@ -739,6 +750,8 @@ def _collect_tensors(state: dict, prefix: str, out: dict[str, Any]) -> None:
     for name, value in _mapping_items(state.get("_buffers") or {}):
         if isinstance(value, TensorRef) and _not_in(name, skip):
             out[prefix + str(name)] = value
+            if isinstance(out, ModuleStateDict):
+                out.buffers.add(prefix + str(name))
 
 
 def _not_in(name: Any, collection: Any) -> bool:

@@ -465,3 +465,30 @@ def test_hash_prefix_convention_parsing():
     assert sources.name_hash_prefix("convnext_tiny_1k_224_ema.pth") is None
     assert sources.name_hash_prefix("model-20230101.pth") is None  # a date, not a hash
     assert sources.name_hash_prefix("net-abc.pth") is None  # fewer than 8 digits
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_inspect_and_check_take_hub_ids(hub, weights, tmp_path, capsys):
+    from torchgraft.cli import main
+
+    make_repo(hub, "org/repo", {COMMIT_A: {"model.safetensors": st_bytes(weights["a"], tmp_path)}},
+              {"main": COMMIT_A})
+    assert main(["inspect", "hf://org/repo", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["file"].endswith(f"snapshots/{COMMIT_A}/model.safetensors")
+    spec = "torch.nn:Linear?in_features=64&out_features=128"
+    assert main(["check", "hf://org/repo", "--model", spec, "--min-loaded", "0"]) == 0
+    assert main(["inspect", "hf://org/absent"]) == 2
+    assert "not in the Hugging Face cache" in capsys.readouterr().err
+
+
+def test_cli_convert_from_a_url(server, ckpt, weights, tmp_path, capsys):
+    from torchgraft.cli import main
+
+    server.files["/net.pth"] = ckpt
+    dst = tmp_path / "net.safetensors"
+    assert main(["convert", f"{server.base}/net.pth", str(dst), "--verify"]) == 0
+    sd = tg.read(dst)
+    assert all(torch.equal(sd[k], v) for k, v in weights["a"].items())

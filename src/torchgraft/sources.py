@@ -110,6 +110,15 @@ def resolve_source(source: Any, *, sha256: str | None = None,
     return resolved
 
 
+def resolve_cli_sources(args: Any, names: tuple[str, ...] = ("file", "src", "a", "b")) -> None:
+    """Replace the command line's checkpoint arguments that are ``hf://`` ids or URLs by local
+    path strings, in place (``provenance_of(path)`` still says where each came from)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value[:8].lower().startswith((HF_SCHEME, *URL_SCHEMES)):
+            setattr(args, name, resolve_source(value).path)
+
+
 def _refuse_mangled(text: str) -> None:
     """``Path("https://x/y")`` is ``https:/x/y``: say so instead of 'no such file'."""
     if text.lower().startswith(("https:/", "http:/", "hf:/")) and not os.path.exists(text):

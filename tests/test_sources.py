@@ -272,7 +272,9 @@ class Server:
         self.drop: set[str] = set()
         self.norange: set[str] = set()
         self.redirects: dict[str, str] = {}
+        self.fail: dict[str, int] = {}  # path -> how many more requests get a 503
         self.log: list[tuple[str, str | None]] = []
+        self.if_range: list[str | None] = []
         self.stop = threading.Event()
         self.httpd = http.server.HTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.timeout = 0.1
@@ -303,16 +305,23 @@ class Server:
             def do_GET(self) -> None:
                 rng = self.headers.get("Range")
                 server.log.append((self.path, rng))
+                server.if_range.append(self.headers.get("If-Range"))
                 if self.path in server.redirects:
                     self.send_response(302)
                     self.send_header("Location", server.redirects[self.path])
                     self.end_headers()
                     return
+                if server.fail.get(self.path, 0) > 0:
+                    server.fail[self.path] -= 1
+                    self.send_error(503)
+                    return
                 data = server.files.get(self.path)
                 if data is None:
                     self.send_error(404)
                     return
-                if rng and self.path not in server.norange:
+                etag = f'"{sha(data)[:16]}"'
+                stale = self.headers.get("If-Range") not in (None, etag)
+                if rng and self.path not in server.norange and not stale:
                     start = int(rng.removeprefix("bytes=").split("-")[0])
                     if start >= len(data):
                         self.send_error(416)
@@ -324,6 +333,7 @@ class Server:
                     self.send_response(200)
                     body = data
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", etag)
                 self.end_headers()
                 if self.path in server.drop:
                     server.drop.discard(self.path)
@@ -387,7 +397,20 @@ def test_dropped_connection_is_resumed_with_range(server, ckpt, weights, tmp_pat
     tg.load(model, f"{server.base}/net.pth")
     assert same(model, weights["a"])
     assert server.log == [("/net.pth", None), ("/net.pth", f"bytes={len(ckpt) // 2}-")]
+    assert server.if_range == [None, f'"{sha(ckpt)[:16]}"']  # resumes only the same file
     assert (cache_dir(tmp_path) / "net.pth").read_bytes() == ckpt
+    assert sorted(os.listdir(cache_dir(tmp_path))) == ["net.pth"]
+
+
+def test_partial_of_a_file_that_changed_on_the_server_is_not_spliced(server, ckpt, tmp_path):
+    server.files["/net.pth"] = ckpt
+    cache_dir(tmp_path).mkdir(parents=True)
+    (cache_dir(tmp_path) / "net.pth.partial").write_bytes(b"old version " * 100)
+    (cache_dir(tmp_path) / "net.pth.partial.etag").write_text('"old-etag"')
+    resolved = tg.resolve_source(f"{server.base}/net.pth")
+    assert server.log == [("/net.pth", "bytes=1200-")] and server.if_range == ['"old-etag"']
+    assert Path(resolved).read_bytes() == ckpt  # the server sent it whole; nothing spliced
+    assert sorted(os.listdir(cache_dir(tmp_path))) == ["net.pth"]
 
 
 def test_partial_file_of_an_earlier_run_is_resumed(server, ckpt, tmp_path):
@@ -439,6 +462,31 @@ def test_404_and_unreachable_host(server, tmp_path):
     assert os.listdir(cache_dir(tmp_path)) == []  # no empty .partial left behind
     with pytest.raises(OptionError, match="names no file"):
         tg.read(f"{server.base}/dir/")
+
+
+def test_server_errors_are_retried_a_bounded_number_of_times(server, ckpt, tmp_path):
+    server.files["/net.pth"] = server.files["/down.pth"] = ckpt
+    server.fail["/net.pth"] = 1
+    assert Path(tg.resolve_source(f"{server.base}/net.pth")).read_bytes() == ckpt
+    server.fail["/down.pth"] = 10**6
+    with pytest.raises(tg.ReadError, match=r"HTTP 503.*after 3 attempts"):
+        tg.resolve_source(f"{server.base}/down.pth")
+    assert [p for p, _ in server.log].count("/down.pth") == sources.MAX_STALLS
+    assert sorted(os.listdir(cache_dir(tmp_path))) == ["net.pth"]
+
+
+def test_concurrent_downloads_of_one_url_make_one_file(server, ckpt, tmp_path):
+    server.files["/net.pth"] = ckpt
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(
+        tg.resolve_source(f"{server.base}/net.pth"))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(got) == 3 and all(Path(r).read_bytes() == ckpt for r in got)
+    assert server.log == [("/net.pth", None)]  # the others waited and found the file
+    assert sorted(os.listdir(cache_dir(tmp_path))) == ["net.pth"]
 
 
 def test_redirect_is_followed_and_saved_under_the_urls_name(server, ckpt, weights, tmp_path):

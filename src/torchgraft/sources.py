@@ -472,26 +472,37 @@ def _download(url: str, dest: str, expected: str | None, origin: str,
               progress: bool | None) -> str | None:
     """Download ``url`` to ``dest`` through ``dest.partial`` (resumed if present); the sha256,
     or None when another process completed ``dest`` while this one waited for it."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
     part = dest + ".partial"
-    with open(part, "a+b") as f:
+    try:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        f = open(part, "a+b")  # closed below; the lock lives as long as it
+    except OSError as err:
+        raise _unwritable(part, err) from None
+    with f:
         _lock(f)
-        if os.path.isfile(dest):
+        if os.path.isfile(dest):  # another process finished it while this one waited
+            _forget(part)
             return None
+        job = _Download(url, f, part, progress)
         try:
-            digest = _fetch(url, f, part, progress)
+            digest = job.run()
+            f.flush()
+            os.fsync(f.fileno())
+            _verify(part, digest, expected, origin, keep=False)
+            _verify(part, digest, name_hash_prefix(os.path.basename(dest)),
+                    "the file name's hash prefix (torch.hub convention)", keep=False)
+            os.replace(part, dest)
         except BaseException:
-            if f.seek(0, os.SEEK_END) == 0:  # nothing to resume: leave no trace
-                os.unlink(part)
+            if not os.path.exists(part) or f.seek(0, os.SEEK_END) == 0:
+                _forget(part)  # nothing to resume: leave no trace
             raise
-        f.flush()
-        os.fsync(f.fileno())
-        _verify(part, digest, expected, origin, keep=False)
-        prefix = name_hash_prefix(os.path.basename(dest))
-        _verify(part, digest, prefix, "the file name's hash prefix (torch.hub convention)",
-                keep=False)
-        os.replace(part, dest)
+        _forget(part)
     return digest
+
+
+def _unwritable(path: str, err: OSError) -> ReadError:
+    return ReadError(f"cannot write {path} ({err.strerror or err}); free some space, or point "
+                     "TORCH_HOME at a writable folder (downloads go to torch.hub's cache)")
 
 
 def _lock(f: Any) -> None:
@@ -503,63 +514,127 @@ def _lock(f: Any) -> None:
     fcntl.flock(f.fileno(), fcntl.LOCK_EX)
 
 
-def _fetch(url: str, f: Any, part: str, progress: bool | None) -> str:
-    """Append the rest of ``url`` to ``f`` (resuming from its size); the whole file's sha256."""
-    import hashlib
-    import http.client
-    import time
-    import urllib.error
+class _Download:
+    """One resumable download of ``url`` appended to the open partial file ``f``.
 
-    h = hashlib.sha256()
-    f.seek(0)
-    while block := f.read(4 * CHUNK):
-        h.update(block)
-    offset = f.tell()
-    stalls, last = 0, "no attempt"
-    bar: _DownloadBar | None = None
-    while stalls < MAX_STALLS:
-        before = offset
+    The response's strong ETag (else Last-Modified) is kept next to the partial file
+    (``.partial.etag``) and sent as ``If-Range`` when resuming, so a file that changed on the
+    server is downloaded again from the start instead of being spliced onto old bytes.
+    """
+
+    def __init__(self, url: str, f: Any, part: str, progress: bool | None) -> None:
+        import hashlib
+
+        self.url, self.f, self.part, self.progress = url, f, part, progress
+        self.etag_path = part + ".etag"
+        self.h = hashlib.sha256()
+        f.seek(0)
+        while block := f.read(4 * CHUNK):
+            self.h.update(block)
+        self.offset = f.tell()
+        self.validator = _read_small(self.etag_path) if self.offset else None
+        self.total: int | None = None
+        self.bar: _DownloadBar | None = None
+
+    def run(self) -> str:
+        """Attempt until complete; give up after ``MAX_STALLS`` attempts in a row that add no
+        byte. Returns the sha256 of the whole file."""
+        import http.client
+        import time
+        import urllib.error
+
+        stalls, last = 0, "no attempt"
+        while stalls < MAX_STALLS:
+            before = self.offset
+            try:
+                if self._attempt():
+                    if self.bar:
+                        self.bar.close()
+                    return self.h.hexdigest()
+                last = f"the connection closed after {self.offset} of {self.total} bytes"
+            except urllib.error.HTTPError as err:
+                if err.code == 416 and self.offset:  # the partial file is no prefix of this one
+                    self._restart()
+                elif err.code < 500:
+                    raise _http_error(self.url, err) from None
+                last = f"HTTP {err.code} {err.reason}"
+            except (OSError, http.client.HTTPException) as err:  # URLError is an OSError
+                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+            stalls = 0 if self.offset > before else stalls + 1
+            if stalls:
+                time.sleep(0.25 * stalls)
+        if self.bar:
+            self.bar.close()
+        raise ReadError(
+            f"{self.url}: download failed ({last}) after {MAX_STALLS} attempts without progress. "
+            f"{self.offset} bytes are kept in {self.part}; the next call resumes from there. "
+            f"Offline? Put the file at {self.part.removesuffix('.partial')} (torch.hub's cache) "
+            "and it is used without network.")
+
+    def _attempt(self) -> bool:
+        with _open(self.url, self.offset, self.validator) as resp:
+            self.total, restart = _response_span(resp, self.offset)
+            if restart:
+                self._restart()
+            if self.offset == 0:
+                self._keep_validator(resp.headers)
+            self.bar = self.bar or _DownloadBar.maybe_for(self.total, self.progress,
+                                                          os.path.basename(self.part))
+            if self.bar:
+                self.bar.set(self.offset, self.total)
+            while block := resp.read(CHUNK):
+                self._write(block)
+        return self.total is None or self.offset == self.total
+
+    def _write(self, block: bytes) -> None:
         try:
-            with _open(url, offset) as resp:
-                total, restart = _response_span(resp, offset)
-                if restart:
-                    f.seek(0)
-                    f.truncate()
-                    h, offset = hashlib.sha256(), 0
-                bar = bar or _DownloadBar.maybe_for(total, progress, os.path.basename(part))
-                if bar:
-                    bar.set(offset, total)
-                while block := resp.read(CHUNK):
-                    f.write(block)
-                    h.update(block)
-                    offset += len(block)
-                    if bar:
-                        bar.update(len(block))
-            if total is None or offset == total:
-                if bar:
-                    bar.close()
-                return h.hexdigest()
-            last = f"the connection closed after {offset} of {total} bytes"
-        except urllib.error.HTTPError as err:
-            if err.code != 416 or offset == 0:
-                raise _http_error(url, err) from None
-            f.seek(0)  # the partial file is not a prefix of this one: start over
-            f.truncate()
-            h, offset, last = hashlib.sha256(), 0, "HTTP 416 for the resumed range"
-        except (OSError, http.client.HTTPException) as err:  # URLError is an OSError
-            last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-        stalls = 0 if offset > before else stalls + 1
-        if stalls:
-            time.sleep(0.25 * stalls)
-    if bar:
-        bar.close()
-    raise ReadError(
-        f"{url}: download failed ({last}) after {MAX_STALLS} attempts without progress. "
-        f"{offset} bytes are kept in {part}; the next call resumes from there. Offline? Put the "
-        f"file at {part[:-len('.partial')]} (torch.hub's cache) and it is used without network.")
+            self.f.write(block)
+        except OSError as err:  # disk full, read-only: not worth retrying
+            raise _unwritable(self.part, err) from None
+        self.h.update(block)
+        self.offset += len(block)
+        if self.bar:
+            self.bar.update(len(block))
+
+    def _restart(self) -> None:
+        import hashlib
+
+        self.f.seek(0)
+        self.f.truncate()
+        self.h, self.offset, self.validator = hashlib.sha256(), 0, None
+
+    def _keep_validator(self, headers: Any) -> None:
+        etag = headers.get("ETag") or ""
+        value = etag if etag.startswith('"') else headers.get("Last-Modified")
+        self.validator = value
+        try:
+            if value:
+                with open(self.etag_path, "w") as out:
+                    out.write(value)
+            elif os.path.exists(self.etag_path):
+                os.unlink(self.etag_path)
+        except OSError:
+            pass  # resuming then goes without If-Range
+
+def _forget(part: str) -> None:
+    """Remove what was kept to resume ``part`` (the download finished or left nothing)."""
+    for path, only_if_empty in ((part + ".etag", False), (part, True)):
+        try:
+            if not only_if_empty or os.path.getsize(path) == 0:
+                os.unlink(path)
+        except OSError:
+            pass
 
 
-def _open(url: str, offset: int) -> Any:
+def _read_small(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read(1024).strip() or None
+    except OSError:
+        return None
+
+
+def _open(url: str, offset: int, validator: str | None) -> Any:
     import urllib.request
 
     from . import __version__
@@ -567,6 +642,8 @@ def _open(url: str, offset: int) -> Any:
     headers = {"User-Agent": f"torchgraft/{__version__}"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if validator:
+            headers["If-Range"] = validator
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                   timeout=DOWNLOAD_TIMEOUT_S)
 

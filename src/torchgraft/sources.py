@@ -398,7 +398,7 @@ def _hf_download(text: str, hid: HubId) -> str:
 
 def _hf_fetch(hub: Any, text: str, hid: HubId, name: str) -> str | None:
     """One ``hf_hub_download``; None when the repository has no such file."""
-    errors = hub.errors
+    import huggingface_hub.errors as errors
     try:
         return hub.hf_hub_download(hid.repo, name, repo_type=hid.repo_type,
                                    revision=hid.revision, cache_dir=hf_cache_dir())
@@ -567,9 +567,10 @@ class _Download:
             self.bar.close()
         raise ReadError(
             f"{self.url}: download failed ({last}) after {MAX_STALLS} attempts without progress. "
-            f"{self.offset} bytes are kept in {self.part}; the next call resumes from there. "
-            f"Offline? Put the file at {self.part.removesuffix('.partial')} (torch.hub's cache) "
-            "and it is used without network.")
+            + (f"{self.offset} bytes are kept in {self.part}; the next call resumes from there. "
+               if self.offset else "Nothing was saved. ")
+            + f"Offline? Put the file at {self.part.removesuffix('.partial')} (torch.hub's "
+            "cache) and it is used without network.")
 
     def _attempt(self) -> bool:
         with _open(self.url, self.offset, self.validator) as resp:

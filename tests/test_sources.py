@@ -243,6 +243,35 @@ def test_online_miss_downloads_through_huggingface_hub(hub, weights, tmp_path, m
     assert calls == []
 
 
+def test_online_sharded_repo_fetches_the_index_and_every_shard(hub, weights, tmp_path,
+                                                                monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    names = list(weights["a"])
+    index = {"weight_map": {n: f"s{i % 2}.safetensors" for i, n in enumerate(names)}}
+    remote = {"sub/model.safetensors.index.json": json.dumps(index).encode(),
+              "sub/s0.safetensors": st_bytes({n: weights["a"][n] for n in names[0::2]}, tmp_path),
+              "sub/s1.safetensors": st_bytes({n: weights["a"][n] for n in names[1::2]}, tmp_path)}
+    calls = []
+
+    def fake_download(repo_id, filename, *, repo_type, revision, cache_dir):
+        calls.append(filename)
+        if filename not in remote:
+            raise huggingface_hub.errors.EntryNotFoundError(filename)
+        root = make_repo(Path(cache_dir), repo_id, {COMMIT_B: {filename: remote[filename]}},
+                         {revision: COMMIT_B})
+        return str(root / "snapshots" / COMMIT_B / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    resolved = tg.resolve_source("hf://org/big@v2/sub")
+    assert calls == ["sub/model.safetensors", "sub/model.safetensors.index.json",
+                     "sub/s0.safetensors", "sub/s1.safetensors"]
+    assert resolved.path == str(hub / "models--org--big" / "snapshots" / COMMIT_B / "sub")
+    assert resolved.provenance["revision"] == "v2" and resolved.provenance["file"] == "sub"
+    calls.clear()
+    assert tg.resolve_source("hf://org/big@v2/sub").path == resolved.path and calls == []
+
+
 def test_online_miss_without_huggingface_hub(hub, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails

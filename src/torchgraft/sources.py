@@ -376,7 +376,7 @@ def _hf_download(text: str, hid: HubId) -> str:
             f"{text}: not in the Hugging Face cache ({hf_cache_dir()}) and huggingface_hub is "
             "not installed to download it. `pip install huggingface_hub`, or download the "
             "files into the cache with another tool.") from None
-    names = [hid.path] if hid.path else []
+    names = [hid.path] if os.path.splitext(hid.path)[1] else []  # a file name, else a folder
     names += [f"{hid.path}/{n}" if hid.path else n for n in HF_WEIGHTS]
     for name in names:
         local = _hf_fetch(huggingface_hub, text, hid, name)

@@ -192,7 +192,8 @@ def test_offline_errors_say_what_and_how(hub, weights, tmp_path):
         tg.load(model, "hf://org/absent")
     with pytest.raises(CheckpointNotFoundError, match=r"revision 'v9'.*main.*" + COMMIT_A):
         tg.load(model, "hf://org/repo@v9")
-    with pytest.raises(CheckpointNotFoundError, match=r"lacks weights.*config\.json.*hf download"):
+    with pytest.raises(CheckpointNotFoundError,
+                       match=r"lacks complete weights.*config\.json.*" + COMMIT_B + ".*hf download"):
         tg.load(model, "hf://org/repo")
     with pytest.raises(CheckpointNotFoundError, match=r"lacks 'nope\.bin'"):
         tg.read("hf://org/repo/nope.bin")

@@ -329,24 +329,30 @@ def _explain_offline(text: str, hid: HubId, repo_dir: str, commit: str | None) -
     """Raise the reason the cache cannot serve ``hid`` when downloading is not allowed."""
     if not hf_offline():
         return
-    fix = (f"Download it once while online (`hf download {hid.repo}` or without HF_HUB_OFFLINE), "
-           "or point HF_HUB_CACHE / HF_HOME at the cache that holds it.")
+    rev = f" --revision {hid.revision}" if hid.revision != "main" else ""
+    fix = (f"download it once while online (`hf download {hid.repo}{rev}`, or unset "
+           "HF_HUB_OFFLINE), or point HF_HUB_CACHE / HF_HOME at the cache that holds it.")
     if not os.path.isdir(repo_dir):
         raise CheckpointNotFoundError(
             f"{text}: not in the Hugging Face cache (no {repo_dir}), and HF_HUB_OFFLINE=1 "
-            f"forbids downloading. {fix}")
+            f"forbids downloading. To fix: {fix}")
     if commit is None:
         known = _known_revisions(repo_dir)
         raise CheckpointNotFoundError(
             f"{text}: revision {hid.revision!r} is not in the cache ({repo_dir}); it holds "
-            f"{', '.join(known) or 'no revision'}. Pass one of these after '@', or {fix[0].lower()}"
-            f"{fix[1:]}")
+            f"{', '.join(known) or 'no revision'}. Pass one of these after '@', or {fix}")
     snapshot = os.path.join(repo_dir, "snapshots", commit)
-    held = _listing(snapshot)
-    what = f"'{hid.path}'" if hid.path else f"weights ({', '.join(HF_WEIGHTS)}, all shards)"
+    what = (f"'{hid.path}'" if hid.path else
+            f"complete weights (none of {', '.join(HF_WEIGHTS)}, or a shard is missing)")
+    others = [c for c in _known_revisions(repo_dir)
+              if _COMMIT_RE.fullmatch(c) and c != commit
+              and _pick_local(os.path.join(repo_dir, "snapshots", c), hid.path)]
+    elsewhere = (f" The cached revision(s) {', '.join(others)} have it: pass @<commit>."
+                 if others else "")
     raise CheckpointNotFoundError(
         f"{text}: the cached snapshot {commit[:12]} ({hid.revision}) lacks {what}; it holds "
-        f"{held or 'nothing'}, and HF_HUB_OFFLINE=1 forbids downloading. {fix}")
+        f"{_listing(snapshot) or 'nothing'}, and HF_HUB_OFFLINE=1 forbids downloading."
+        f"{elsewhere} To fix: {fix}")
 
 
 def _known_revisions(repo_dir: str) -> list[str]:

@@ -559,6 +559,7 @@ class _Download:
                     return self.h.hexdigest()
                 last = f"the connection closed after {self.offset} of {self.total} bytes"
             except urllib.error.HTTPError as err:
+                err.close()
                 if err.code == 416 and self.offset:  # the partial file is no prefix of this one
                     self._restart()
                 elif err.code < 500:

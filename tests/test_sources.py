@@ -570,3 +570,17 @@ def test_cli_convert_from_a_url(server, ckpt, weights, tmp_path, capsys):
     assert main(["convert", f"{server.base}/net.pth", str(dst), "--verify"]) == 0
     sd = tg.read(dst)
     assert all(torch.equal(sd[k], v) for k, v in weights["a"].items())
+
+
+def test_same_cache_file_as_torch_hub_both_ways(server, ckpt, weights, tmp_path):
+    first, second = f"/a/net-{sha(ckpt)[:8]}.pth", f"/b/other-{sha(ckpt)[:8]}.pth"
+    server.files[first] = server.files[second] = ckpt
+    torch.hub.load_state_dict_from_url(server.base + first, check_hash=True, progress=False)
+    n = len(server.log)
+    model = net(0)
+    tg.load(model, server.base + first)  # what torch.hub saved, no request
+    assert same(model, weights["a"]) and len(server.log) == n
+    tg.resolve_source(server.base + second)  # what torchgraft saved, torch.hub reuses
+    got = torch.hub.load_state_dict_from_url(server.base + second, check_hash=True)
+    assert len(server.log) == n + 1 and torch.equal(got["state_dict"]["0.weight"],
+                                                    weights["a"]["0.weight"])

@@ -53,6 +53,7 @@ from .progress import ProgressBar
 from .report import Entry, LoadReport
 from .rules import model_rules, resolve_filter
 from .selection import Candidate, describe_container, find_candidates, rank, resolve
+from .sources import resolve_source
 from .tensors import MemoryRef, TensorRef
 
 Source = str | os.PathLike | Mapping
@@ -124,6 +125,7 @@ def read(source: Source, select: str | None = None, *, trust: bool = False) -> S
         >>> sd.selected, sd["w"].tolist()
         ('model', [1.0, 1.0])
     """
+    source = resolve_source(source)  # hf:// ids and URLs become local paths; others unchanged
     ckpt = open_checkpoint(source, trust=trust)
     cand, ranked = _choose(ckpt, select, None)
     return StateDict(cand.tensors, ckpt, cand.path, ranked)
@@ -325,6 +327,7 @@ class _Planned:
 
 
 def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned:
+    source = resolve_source(source)  # hf:// ids and URLs become local paths; others unchanged
     ckpt = open_checkpoint(source, trust=opts.trust)
     slots = model_slots(model)
     shapes = _shapes(slots)

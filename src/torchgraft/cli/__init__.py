@@ -23,6 +23,7 @@ import traceback
 
 from .. import __version__
 from ..errors import TorchgraftError
+from ..sources import resolve_cli_sources
 from . import check, convert, demo, diff, inspect
 from .common import CliError, escape_text, one_line
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        resolve_cli_sources(args)  # hf:// ids and URLs in FILE/SRC/A/B become local paths
         if getattr(args, "run", None) is None:
             raise CliError("choose a command: inspect, diff, convert, check or demo "
                            "(see 'torchgraft --help')")

@@ -1,0 +1,246 @@
+"""The frameworks' other entry points, on real models and real framework checkpoints.
+
+* mmengine: ``Runner(load_from=...)`` and ``Runner(resume=True)`` through torchgraft
+  (``install_runner_loading``), compared with mmengine's own loading under
+  ``torch.load(weights_only=False)``;
+* Lightning: ``load_from_checkpoint`` / ``fine_tune_from`` compared with Lightning's own
+  ``Cls.load_from_checkpoint(path, weights_only=False)``;
+* transformers: ``tg.load(AutoModel.from_config(cfg), path)`` on wrapped/renamed state dicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import torchgraft as tg
+
+try:
+    import realmodels as rm
+except ImportError:  # pragma: no cover - tests/ is a package
+    from tests import realmodels as rm
+
+
+def _same(a: object, b: object, where: str = "") -> list[str]:
+    """Paths where two nested structures (tensors, arrays, containers) differ."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        ok = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+              and a.shape == b.shape and torch.equal(a, b))
+        return [] if ok else [where]
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        ok = (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
+              and np.array_equal(a, b))
+        return [] if ok else [where]
+    if type(a) is not type(b):
+        return [f"{where}: {type(a).__name__} vs {type(b).__name__}"]
+    if isinstance(a, dict):
+        if list(a) != list(b):
+            return [f"{where}: keys {list(a)} vs {list(b)}"]
+        return [d for k in a for d in _same(a[k], b[k], f"{where}[{k!r}]")]
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: length {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{where}[{i}]")]
+    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
+
+
+def _weights_only_false(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference: the frameworks' own loading with pickle allowed (trusted file)."""
+    monkeypatch.setattr(torch, "load", functools.partial(torch.load, weights_only=False))
+
+
+# ============================================================================ mmengine Runner
+@pytest.fixture(scope="module")
+def mm(tmp_path_factory):
+    pytest.importorskip("mmpretrain")
+    import torchgraft.integrations.mmengine as tgmm
+
+    ckpt = rm.mmengine_runner_checkpoint(tmp_path_factory.mktemp("mmrun"))
+    yield tgmm, ckpt
+    tgmm.uninstall_runner_loading()
+
+
+@pytest.fixture
+def runner_loading(mm):
+    tgmm, _ = mm
+    tgmm.install_runner_loading()
+    yield tgmm
+    tgmm.uninstall_runner_loading()
+
+
+def _runner(work_dir, max_epochs: int, num_classes: int = 10, **kwargs):
+    """A fresh Runner with the configuration realmodels.mmengine_runner_checkpoint trains."""
+    from mmengine.dataset import pseudo_collate
+    from mmengine.runner import Runner
+
+    model_cfg = rm._mmpretrain_classifier_cfg(num_classes)
+    model_cfg["data_preprocessor"] = dict(
+        type="ClsDataPreprocessor", num_classes=num_classes, mean=[123.675, 116.28, 103.53],
+        std=[58.395, 57.12, 57.375], to_rgb=True)
+    loader = torch.utils.data.DataLoader(rm._TinyClsDataset(), batch_size=2, shuffle=False,
+                                         num_workers=0, collate_fn=pseudo_collate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Runner(
+            model=model_cfg, work_dir=str(work_dir), train_dataloader=loader,
+            train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
+            optim_wrapper=dict(optimizer=dict(type="AdamW", lr=1e-3, weight_decay=0.05)),
+            param_scheduler=dict(type="MultiStepLR", milestones=[1], by_epoch=True),
+            default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=1)),
+            launcher="none", env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo")),
+            log_level="ERROR", default_scope="mmpretrain", randomness=dict(seed=rm.SEED),
+            experiment_name=f"tg_{work_dir.name}", **kwargs)
+
+
+def _resumed_state(runner) -> dict:
+    hub = runner.message_hub
+    return {
+        "model": dict(runner.model.state_dict()),
+        "epoch": runner.epoch, "iter": runner.iter,
+        "optimizer": runner.optim_wrapper.state_dict(),
+        "schedulers": [s.state_dict() for s in runner.param_schedulers],
+        "log_scalars": {k: (type(v).__name__, v._log_history, v._count_history, v.max_length)
+                        for k, v in hub.log_scalars.items()},
+        "runtime_info": {k: v for k, v in hub.runtime_info.items() if k != "last_ckpt"},
+    }
+
+
+def test_mm_runner_checkpoint_is_refused_by_weights_only_load(mm, tmp_path):
+    """The problem: mmengine's own Runner loading fails on these files under torch >= 2.6."""
+    _, ckpt = mm
+    runner = _runner(tmp_path / "own", 1, load_from=str(ckpt))
+    with pytest.raises(pickle.UnpicklingError, match="HistoryBuffer|weights_only"):
+        runner.load_or_resume()
+    rm._close_mm_logger(runner)
+
+
+def test_mm_runner_load_from(mm, runner_loading, tmp_path, monkeypatch):
+    _, ckpt = mm
+    ours = _runner(tmp_path / "ours", 1, load_from=str(ckpt))
+    before = {k: v.clone() for k, v in ours.model.state_dict().items()}
+    ours.load_or_resume()
+    report = ours.torchgraft_report
+    assert report.ok and report.selected == "state_dict" and report.loaded_fraction == 1.0
+    runner_loading.uninstall_runner_loading()
+    _weights_only_false(monkeypatch)
+    ref = _runner(tmp_path / "ref", 1, load_from=str(ckpt))
+    ref.load_or_resume()
+    assert _same(dict(ours.model.state_dict()), dict(ref.model.state_dict())) == []
+    assert _same(dict(ours.model.state_dict()), before) != []  # the load changed the weights
+    for r in (ours, ref):
+        rm._close_mm_logger(r)
+
+
+def test_mm_runner_resume_matches_mmengine(mm, runner_loading, tmp_path, monkeypatch):
+    """resume=True: weights, optimizer, schedulers, epoch/iter and message hub as mmengine's own
+    resume gives them; then one more epoch trains to bit-identical weights."""
+    _, ckpt = mm
+    state = {}
+    for name in ("ours", "ref"):
+        if name == "ref":
+            runner_loading.uninstall_runner_loading()
+            _weights_only_false(monkeypatch)
+        runner = _runner(tmp_path / name, 1, load_from=str(ckpt), resume=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runner.train()  # max_epochs=1 is reached: resumes, trains nothing
+        state[name] = _resumed_state(runner)
+        rm._close_mm_logger(runner)
+    ours, ref = state["ours"], state["ref"]
+    assert (ours["epoch"], ours["iter"]) == (1, 2)
+    assert type(ours["schedulers"][0]["milestones"]) is collections.Counter
+    assert {v[0] for v in ours["log_scalars"].values()} == {"HistoryBuffer"}
+    assert _same(ours, ref) == []
+
+
+def test_mm_runner_resume_then_train(mm, runner_loading, tmp_path, monkeypatch):
+    _, ckpt = mm
+    final = {}
+    for name in ("ours", "ref"):
+        if name == "ref":
+            runner_loading.uninstall_runner_loading()
+            _weights_only_false(monkeypatch)
+        runner = _runner(tmp_path / name, 2, load_from=str(ckpt), resume=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runner.train()
+        final[name] = (runner.iter, dict(runner.model.state_dict()),
+                       runner.optim_wrapper.state_dict())
+        rm._close_mm_logger(runner)
+    assert final["ours"][0] == 4
+    assert _same(final["ours"], final["ref"]) == []
+
+
+def test_mm_read_runner_checkpoint_runs_no_code(mm, monkeypatch):
+    """HistoryBuffer is constructed from the recorded arrays; its pickled state methods (and
+    anything else the file names) are never called."""
+    tgmm, ckpt = mm
+    from mmengine.logging import HistoryBuffer
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the file's code ran")
+
+    monkeypatch.setattr(HistoryBuffer, "__init__", boom)
+    tree, notes = tgmm.read_runner_checkpoint(ckpt)
+    reference = torch.load(ckpt, weights_only=False, map_location="cpu")
+    for key, buf in tree["message_hub"]["log_scalars"].items():
+        assert isinstance(buf, HistoryBuffer)
+        ref = reference["message_hub"]["log_scalars"][key]
+        assert np.array_equal(buf._log_history, ref._log_history)
+        assert buf.mean() == ref.mean() and buf.current() == ref.current()
+    assert _same(tree["optimizer"], reference["optimizer"]) == []
+    assert _same(tree["param_schedulers"], reference["param_schedulers"]) == []
+
+
+def test_mm_resume_part_that_cannot_be_rebuilt_is_an_error(mm, tmp_path):
+    tgmm, ckpt = mm
+    data = torch.load(ckpt, weights_only=False)
+    data["param_schedulers"][0]["extra"] = argparse.ArgumentParser  # a class: a global
+    bad = tmp_path / "bad.pth"
+    torch.save(data, bad)
+    with pytest.raises(tg.UnsafeCheckpointError,
+                       match=r"\['param_schedulers'\]\[0\]\['extra'\]: argparse.ArgumentParser"):
+        tgmm.read_runner_checkpoint(bad)
+    data["param_schedulers"][0].pop("extra")
+    data["meta"]["parser"] = argparse.ArgumentParser
+    data["meta"]["config"] = "import os\nos.system('echo pwned')\n"
+    torch.save(data, bad)
+    tree, notes = tgmm.read_runner_checkpoint(bad)
+    assert "config" not in tree["meta"]
+    assert any("argparse.ArgumentParser" in n for n in notes)
+
+
+def test_mm_runner_head_mismatch_all_or_nothing_and_options(mm, tmp_path):
+    """A 10-class Runner checkpoint into a 5-class model: refused before any write (mmengine's
+    own loading would load the rest and warn); mismatch='skip' given to install_runner_loading
+    loads everything else and reports the head."""
+    tgmm, ckpt = mm
+    with pytest.raises(tg.OptionError, match="unknown option"):
+        tgmm.install_runner_loading(stict=True)
+    try:
+        tgmm.install_runner_loading()
+        runner = _runner(tmp_path / "five", 1, num_classes=5, load_from=str(ckpt))
+        before = {k: v.clone() for k, v in runner.model.state_dict().items()}
+        with pytest.raises(tg.ShapeMismatchError, match="head.fc.weight"):
+            runner.load_or_resume()
+        assert _same(dict(runner.model.state_dict()), before) == []
+        rm._close_mm_logger(runner)
+        tgmm.install_runner_loading(mismatch="skip")
+        runner = _runner(tmp_path / "skip", 1, num_classes=5, load_from=str(ckpt))
+        runner.load_or_resume()
+        report = runner.torchgraft_report
+        assert sorted(e.target for e in report.mismatched) == ["head.fc.bias", "head.fc.weight"]
+        assert torch.equal(runner.model.head.fc.weight, before["head.fc.weight"])
+        rm._close_mm_logger(runner)
+    finally:
+        tgmm.uninstall_runner_loading()
+    from mmengine.runner import Runner
+
+    assert not hasattr(Runner.load_checkpoint, "_torchgraft_original")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import functools
 import pickle
 import warnings
@@ -244,3 +245,240 @@ def test_mm_runner_head_mismatch_all_or_nothing_and_options(mm, tmp_path):
     from mmengine.runner import Runner
 
     assert not hasattr(Runner.load_checkpoint, "_torchgraft_original")
+
+
+# ============================================================================ Lightning
+RUN_CONFIG_BUILT: list[int] = []
+
+
+def _build_run_config(hidden: int) -> RunConfig:
+    """What unpickling a RunConfig calls (a global of this module, named in the file)."""
+    RUN_CONFIG_BUILT.append(hidden)
+    return RunConfig(hidden)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """A user's own config class: pickled by reference, so a global torchgraft won't run."""
+
+    hidden: int = 8
+
+    def __reduce__(self):
+        return _build_run_config, (self.hidden,)
+
+
+@functools.cache
+def _lit():
+    """LightningModule classes (built on first use, so the module imports without Lightning)."""
+    pl = pytest.importorskip("pytorch_lightning")
+    from torch import nn
+
+    class Base(pl.LightningModule):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    class LitClassifier(Base):  # the same __init__ as realmodels' _LitClassifier
+        def __init__(self, num_classes: int = 10, lr: float = 0.1) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.lr = lr
+            self.model = rm.timm_model("resnet18", num_classes=num_classes)
+
+        def forward(self, x):
+            return self.model(x)
+
+    class LitNamespaceClassifier(Base):  # realmodels' _LitNamespaceClassifier
+        def __init__(self, hparams: argparse.Namespace) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.model = rm.timm_model("resnet18", num_classes=hparams.num_classes)
+
+        def forward(self, x):
+            return self.model(x)
+
+    class Tiny(Base):
+        """save_hyperparameters(cfg): one saved argument (a Namespace or an OmegaConf config)."""
+
+        def __init__(self, cfg) -> None:
+            super().__init__()
+            self.save_hyperparameters(cfg)
+            hidden = cfg["hidden"] if isinstance(cfg, dict) else cfg.hidden
+            self.net = nn.Sequential(nn.Linear(4, hidden), nn.BatchNorm1d(hidden),
+                                     nn.Linear(hidden, 2))
+
+        def forward(self, x):
+            return self.net(x)
+
+    class TinyObj(Base):
+        def __init__(self, cfg: RunConfig, scale: float = 1.0) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Sequential(nn.Linear(4, cfg.hidden), nn.Linear(cfg.hidden, 2))
+
+        def forward(self, x):
+            return self.net(x)
+
+    class TinyRenamed(Base):
+        """Reads Tiny checkpoints: ``net.`` became ``body.``, fixed in on_load_checkpoint."""
+
+        def __init__(self, cfg) -> None:
+            super().__init__()
+            hidden = cfg["hidden"] if isinstance(cfg, dict) else cfg.hidden
+            self.body = nn.Sequential(nn.Linear(4, hidden), nn.BatchNorm1d(hidden),
+                                      nn.Linear(hidden, 2))
+
+        def on_load_checkpoint(self, checkpoint):
+            sd = checkpoint["state_dict"]
+            for key in list(sd):
+                sd[key.replace("net.", "body.", 1)] = sd.pop(key)
+
+    return argparse.Namespace(**{c.__name__: c for c in (LitClassifier, LitNamespaceClassifier,
+                                                          Tiny, TinyObj, TinyRenamed)})
+
+
+def _fit(lit, path):
+    """One real training step with a real Trainer, then trainer.save_checkpoint(path)."""
+    import pytorch_lightning as pl
+
+    g = torch.Generator().manual_seed(rm.SEED)
+    data = torch.utils.data.TensorDataset(torch.randn(4, 4, generator=g),
+                                          torch.randint(0, 2, (4,), generator=g))
+    with warnings.catch_warnings(), rm._quiet_loggers("pytorch_lightning", "lightning.pytorch",
+                                                      "lightning_fabric", "lightning"):
+        warnings.simplefilter("ignore")
+        trainer = pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False,
+                             accelerator="cpu", devices=1, default_root_dir=str(path.parent))
+        trainer.fit(lit, torch.utils.data.DataLoader(data, batch_size=2))
+        trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lit_files(tmp_path_factory):
+    _lit()
+    tmp = tmp_path_factory.mktemp("lit")
+    files = {"kwargs": rm.lightning_checkpoint(tmp, save_hyperparameters=True)[0],
+             "namespace": rm.lightning_checkpoint(tmp, True, hparams_namespace=True)[0]}
+    torch.manual_seed(rm.SEED)
+    files["single"] = _fit(_lit().Tiny(argparse.Namespace(hidden=8, lr=0.1)), tmp / "single.ckpt")
+    torch.manual_seed(rm.SEED)
+    files["object"] = _fit(_lit().TinyObj(RunConfig(hidden=6)), tmp / "object.ckpt")
+    return files
+
+
+def _lightning_reference(cls, path, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls.load_from_checkpoint(path, weights_only=False, **kwargs)
+
+
+def _compare_with_lightning(cls, path, **overrides):
+    from torchgraft.integrations.lightning import load_from_checkpoint
+
+    ours = load_from_checkpoint(cls, path, **overrides)
+    ref = _lightning_reference(cls, path, **overrides)
+    assert type(ours) is cls
+    assert _same(dict(ours.state_dict()), dict(ref.state_dict())) == []
+    assert _same(dict(ours.hparams), dict(ref.hparams)) == []
+    assert load_from_checkpoint.last_report.ok
+    return ours, ref
+
+
+def test_lightning_kwargs_hparams(lit_files):
+    cls = _lit().LitClassifier
+    ours, _ = _compare_with_lightning(cls, lit_files["kwargs"])
+    assert dict(ours.hparams) == {"num_classes": 10, "lr": 0.1}
+    torch.manual_seed(rm.SEED)
+    fresh = cls()
+    assert _same(dict(ours.state_dict()), dict(fresh.state_dict())) != []  # it did load
+    ours, _ = _compare_with_lightning(cls, lit_files["kwargs"], lr=0.5)
+    assert ours.lr == 0.5 and ours.hparams.lr == 0.5
+
+
+def test_lightning_namespace_hparams_rebuilt_without_running_code(lit_files):
+    ours, ref = _compare_with_lightning(_lit().LitNamespaceClassifier, lit_files["namespace"])
+    assert ours.hparams.hparams == argparse.Namespace(num_classes=10, lr=0.1)
+    assert isinstance(ours.hparams.hparams, argparse.Namespace)
+
+
+def test_lightning_single_saved_argument(lit_files):
+    """save_hyperparameters(cfg): Lightning passes the saved dict as cfg=..., and so do we."""
+    ours, _ = _compare_with_lightning(_lit().Tiny, lit_files["single"])
+    assert dict(ours.hparams) == {"hidden": 8, "lr": 0.1}
+
+
+def test_lightning_omegaconf_hparams(tmp_path):
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create({"hidden": 8, "opt": {"lr": 0.1, "betas": [0.9, 0.99]},
+                                      "name": "run", "tag": "${name}_v1", "none": None})
+    torch.manual_seed(rm.SEED)
+    path = _fit(_lit().Tiny(cfg), tmp_path / "omega.ckpt")
+    assert "omegaconf.dictconfig.DictConfig" in tg.read(path).placeholders
+    ours, ref = _compare_with_lightning(_lit().Tiny, path)
+    assert isinstance(ours.hparams, omegaconf.DictConfig)
+    assert omegaconf.OmegaConf.to_container(ours.hparams, resolve=True) == \
+        omegaconf.OmegaConf.to_container(ref.hparams, resolve=True)
+    assert ours.hparams.tag == "run_v1" and ours.hparams.opt.betas[1] == 0.99
+
+
+def test_lightning_object_hparams_named_not_run(lit_files):
+    from torchgraft.integrations.lightning import load_from_checkpoint
+
+    cls = _lit().TinyObj
+    built = len(RUN_CONFIG_BUILT)
+    with pytest.raises(tg.UnsafeCheckpointError,
+                       match=r"\['cfg'\]: [\w.]*_build_run_config.*TinyObj, path, cfg=\.\.\."):
+        load_from_checkpoint(cls, lit_files["object"])
+    assert len(RUN_CONFIG_BUILT) == built  # the file's global was named, never called
+    ours = load_from_checkpoint(cls, lit_files["object"], cfg=RunConfig(hidden=6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = cls.load_from_checkpoint(lit_files["object"], weights_only=False,
+                                       cfg=RunConfig(hidden=6))
+    assert _same(dict(ours.state_dict()), dict(ref.state_dict())) == []
+    assert ours.hparams.scale == 1.0
+
+
+def test_lightning_on_load_checkpoint_hook_runs(lit_files):
+    ours, _ = _compare_with_lightning(_lit().TinyRenamed, lit_files["single"])
+    assert "body.0.weight" in ours.state_dict()
+
+
+def test_lightning_strict_and_errors(lit_files, tmp_path):
+    from torchgraft.integrations.lightning import load_from_checkpoint
+
+    with pytest.raises(tg.OptionError, match="not a LightningModule"):
+        load_from_checkpoint(torch.nn.Linear, lit_files["kwargs"])
+    plain = tmp_path / "plain.pth"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), plain)
+    with pytest.raises(tg.SelectError, match="not a Lightning checkpoint"):
+        load_from_checkpoint(_lit().LitClassifier, plain)
+    with pytest.raises(tg.ShapeMismatchError, match="model.fc.weight"):  # Lightning: RuntimeError
+        load_from_checkpoint(_lit().LitClassifier, lit_files["kwargs"], num_classes=5,
+                             load_options={"mismatch": "error"})
+    # the default: tg.load's rule for a timm model, whose replaceable classifier stays as built
+    model = load_from_checkpoint(_lit().LitClassifier, lit_files["kwargs"], num_classes=5)
+    report = load_from_checkpoint.last_report
+    assert model.model.fc.out_features == 5
+    assert sorted(e.target for e in report.mismatched) == ["model.fc.bias", "model.fc.weight"]
+
+
+def test_lightning_fine_tune_from(lit_files):
+    from torchgraft.integrations.lightning import fine_tune_from
+
+    cls = _lit().LitClassifier
+    ref = _lightning_reference(cls, lit_files["kwargs"])
+    torch.manual_seed(rm.SEED)
+    inner = rm.timm_model("resnet18", num_classes=10)
+    report = fine_tune_from(inner, lit_files["kwargs"])
+    assert report.ok and report.selected == "state_dict" and report.loaded_fraction == 1.0
+    assert _same(dict(inner.state_dict()), dict(ref.model.state_dict())) == []
+    torch.manual_seed(rm.SEED)
+    whole = cls(num_classes=10)
+    fine_tune_from(whole, lit_files["kwargs"])
+    assert _same(dict(whole.state_dict()), dict(ref.state_dict())) == []

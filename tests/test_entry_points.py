@@ -14,6 +14,7 @@ import argparse
 import collections
 import dataclasses
 import functools
+import logging
 import pickle
 import warnings
 
@@ -482,3 +483,50 @@ def test_lightning_fine_tune_from(lit_files):
     whole = cls(num_classes=10)
     fine_tune_from(whole, lit_files["kwargs"])
     assert _same(dict(whole.state_dict()), dict(ref.state_dict())) == []
+
+
+# ============================================================================ transformers
+@pytest.fixture(scope="module")
+def bert_files(tmp_path_factory):
+    """A tiny BERT inside a training wrapper (``model.`` + a head), saved two ways transformers'
+    from_pretrained cannot read: a wrapped checkpoint, and a folder of renamed tensors."""
+    tf = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    cfg = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(rm.SEED)
+    wrapper = torch.nn.Module()
+    wrapper.model = tf.AutoModel.from_config(cfg)
+    wrapper.head = torch.nn.Linear(32, 3)
+    tmp = tmp_path_factory.mktemp("bert")
+    torch.save({"state_dict": wrapper.state_dict(), "epoch": 3, "global_step": 120},
+               tmp / "bert-finetuned.ckpt")
+    folder = tmp / "bert-renamed"
+    cfg.save_pretrained(folder)
+    save_file({f"model.{k}": v.contiguous() for k, v in wrapper.model.state_dict().items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return tf, cfg, wrapper.model, tmp / "bert-finetuned.ckpt", folder
+
+
+def test_transformers_from_config_wrapped_checkpoint(bert_files):
+    tf, cfg, trained, ckpt, _ = bert_files
+    model = tf.AutoModel.from_config(cfg)
+    report = tg.load(model, ckpt)
+    assert report.ok and report.loaded_fraction == 1.0 and report.selected == "state_dict"
+    assert report.unexpected_keys == ["head.weight", "head.bias"]
+    assert _same(dict(model.state_dict()), dict(trained.state_dict())) == []
+
+
+def test_transformers_from_config_renamed_folder(bert_files):
+    """from_pretrained leaves every weight newly initialised; tg.load loads them all."""
+    tf, _, trained, _, folder = bert_files
+    with warnings.catch_warnings(), rm._quiet_loggers("transformers", level=logging.CRITICAL):
+        warnings.simplefilter("ignore")
+        theirs = tf.AutoModel.from_pretrained(str(folder), local_files_only=True)
+    assert _same(dict(theirs.state_dict()), dict(trained.state_dict())) != []
+    model = tf.AutoModel.from_config(tf.AutoConfig.from_pretrained(str(folder)))
+    report = tg.load(model, folder)
+    assert report.ok and report.loaded_fraction == 1.0
+    assert any("strip 'model.'" in str(rule) for rule in report.rules)
+    assert _same(dict(model.state_dict()), dict(trained.state_dict())) == []

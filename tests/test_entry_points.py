@@ -15,7 +15,11 @@ import collections
 import dataclasses
 import functools
 import logging
+import os
 import pickle
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -530,3 +534,65 @@ def test_transformers_from_config_renamed_folder(bert_files):
     assert report.ok and report.loaded_fraction == 1.0
     assert any("strip 'model.'" in str(rule) for rule in report.rules)
     assert _same(dict(model.state_dict()), dict(trained.state_dict())) == []
+
+
+# ============================================================================ hostile trees
+def test_mm_custom_imports_opt_in(mm, tmp_path):
+    """A config's custom_imports of torchgraft.integrations.mmengine_runner installs it."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    tgmm, ckpt = mm
+    sys.modules.pop("torchgraft.integrations.mmengine_runner", None)
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text("custom_imports = dict(imports=['torchgraft.integrations.mmengine_runner'],"
+                        " allow_failed_imports=False)\n")
+    try:
+        Config.fromfile(str(cfg_file))
+        assert hasattr(Runner.load_checkpoint, "_torchgraft_original")
+        runner = _runner(tmp_path / "ci", 1, load_from=str(ckpt))
+        runner.load_or_resume()
+        assert runner.torchgraft_report.ok
+        rm._close_mm_logger(runner)
+    finally:
+        tgmm.uninstall_runner_loading()
+
+
+def test_mm_history_buffer_with_bad_state_is_corrupt(mm, tmp_path):
+    tgmm, _ = mm
+    from mmengine.logging import HistoryBuffer
+
+    buf = HistoryBuffer([1.0, 2.0], [1, 1])
+    buf._log_history = np.array(["a", None], dtype=object)
+    path = tmp_path / "bad_hub.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "meta": {"epoch": 1, "iter": 2},
+                "message_hub": {"log_scalars": {"loss": buf}, "runtime_info": {},
+                                "resumed_keys": {}}}, path)
+    with pytest.raises(tg.CorruptCheckpointError, match="HistoryBuffer.*_log_history"):
+        tgmm.read_runner_checkpoint(path)
+
+
+def test_rebuild_keeps_cycles_and_shared_references_linear(tmp_path):
+    """A self-referencing list stays one object; 2**60 paths through shared lists are visited
+    once each (run in a subprocess with a timeout and an address-space limit)."""
+    code = textwrap.dedent("""
+        import pickle, resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+        from torchgraft.formats.unpickler import restricted_loads
+        from torchgraft.integrations._rebuild import placeholders_in, rebuild
+        loop = []
+        loop.append(loop)
+        wide = [1]
+        for _ in range(60):
+            wide = [wide, wide]
+        tree, _ = restricted_loads(pickle.dumps({"loop": loop, "wide": wide}))
+        out = rebuild(tree)
+        assert out["loop"][0] is out["loop"]
+        assert out["wide"][0] is out["wide"][1]
+        assert list(placeholders_in(out)) == []
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -440,6 +440,12 @@ def test_lightning_object_hparams_named_not_run(lit_files):
                        match=r"\['cfg'\]: [\w.]*_build_run_config.*TinyObj, path, cfg=\.\.\."):
         load_from_checkpoint(cls, lit_files["object"])
     assert len(RUN_CONFIG_BUILT) == built  # the file's global was named, never called
+    whole = lit_files["object"].with_name("whole_object.ckpt")
+    torch.save({"state_dict": {}, "hyper_parameters": RunConfig(6)}, whole)
+    with pytest.raises(tg.UnsafeCheckpointError,
+                       match=r"'hyper_parameters' is a pickled [\w.]*_build_run_config"):
+        load_from_checkpoint(cls, whole)
+    assert len(RUN_CONFIG_BUILT) == built
     ours = load_from_checkpoint(cls, lit_files["object"], cfg=RunConfig(hidden=6))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

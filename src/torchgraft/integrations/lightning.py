@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import logging
@@ -168,16 +169,30 @@ def _convert_type(hparams: dict[str, Any], kind: Any, pkg: ModuleType) -> Any:
         "load with trust=True if you trust the file")
 
 
+def _as_mapping(value: Any, key: str) -> Any:
+    """The saved hyper-parameters as something ``dict.update`` takes (a Namespace: its vars)."""
+    if isinstance(value, argparse.Namespace):
+        return vars(value)
+    if isinstance(value, Mapping) or (hasattr(value, "keys") and hasattr(value, "update")):
+        return value
+    if isinstance(value, Placeholder):
+        raise UnsafeCheckpointError(
+            f"the checkpoint's {key!r} is a pickled {value.qualname} object; torchgraft does not "
+            "construct it (that would run code the file names). Pass the hyper-parameters as "
+            "overrides, or load with trust=True if you trust the file")
+    raise UnsafeCheckpointError(f"the checkpoint's {key!r} is {type(value).__name__}, not a "
+                                "dict of hyper-parameters; pass them as overrides")
+
+
 def _class_kwargs(cls: type, checkpoint: dict[str, Any], overrides: dict[str, Any],
                   pkg: ModuleType) -> dict[str, Any]:
     """The keyword arguments Lightning's ``load_from_checkpoint`` would construct ``cls`` with."""
-    saved = checkpoint.setdefault(_HPARAMS, {})
-    if isinstance(saved, dict) or hasattr(saved, "update"):
-        saved.update(overrides)  # Lightning updates the saved hparams with the overrides first
+    saved = _as_mapping(checkpoint.setdefault(_HPARAMS, {}), _HPARAMS)
+    saved.update(overrides)  # Lightning updates the saved hparams with the overrides first
     names, varkw = _init_names(cls)
     loaded: dict[str, Any] = {}
     for key in _PAST_HPARAMS:
-        loaded.update(checkpoint.get(key, {}))
+        loaded.update(_as_mapping(checkpoint.get(key, {}), key))
     loaded.update(saved)
     loaded = _convert_type(loaded, checkpoint.get(_HPARAMS_TYPE), pkg)
     args_name = checkpoint.get(_HPARAMS_NAME)

@@ -45,6 +45,16 @@ on the module you call ``init_weights()`` on yourself, code its class runs *afte
 ``super().init_weights()`` still runs after the load; and ``TorchgraftPretrained`` given inside an
 ``override=`` entry is an ordinary initializer (as ``Pretrained`` would be there).
 
+The Runner's own loading. ``Runner(load_from=...)``, ``Runner(resume=True)`` and
+``runner.load_checkpoint(...)`` go through ``Runner.load_checkpoint``, which calls ``torch.load``
+(refused under torch >= 2.6 for Runner checkpoints: their message hub holds ``HistoryBuffer``
+objects). :func:`install_runner_loading` (or ``custom_imports`` of
+``torchgraft.integrations.mmengine_runner``) replaces that method: the file is read without
+running its pickle (:func:`read_runner_checkpoint`: ``HistoryBuffer`` and ``Counter`` rebuilt
+from their recorded plain data), the Runner's ``after_load_checkpoint`` hooks run, the weights
+are loaded with :func:`tg.load` and the rest (optimizer, param schedulers, meta, message hub)
+goes to ``Runner.resume`` exactly as mmengine expects it.
+
 Example:
     >>> import torch
     >>> from mmengine.model import BaseModule
@@ -410,7 +420,7 @@ install_init_order()
 
 _HISTORY_BUFFER = "mmengine.logging.history_buffer.HistoryBuffer"
 _HISTORY_KEYS = ("_log_history", "_count_history")
-_RESUME_PARTS = ("message_hub", "optimizer", "param_schedulers")
+_RESUME_PARTS = ("optimizer", "param_schedulers")
 _RUNNER_OPTIONS: dict[str, Any] = {}
 
 
@@ -465,10 +475,14 @@ def read_runner_checkpoint(filename: str | os.PathLike, map_location: Any = "cpu
     ``meta`` with ``epoch``/``iter``, ``optimizer`` and ``param_schedulers`` state dicts
     (``collections.Counter`` milestones rebuilt), ``message_hub`` whose ``log_scalars`` are
     real ``HistoryBuffer`` objects built from the recorded arrays — and plain-text notes.
+    Nothing the file names is imported or called: ``HistoryBuffer`` is mmengine's own class,
+    constructed from the recorded numbers.
     ``meta['config']`` (old mmcv checkpoints) is dropped: ``Runner.resume`` would execute that
     Python text to compare GPU counts. A global the file names that cannot be rebuilt raises
-    :class:`UnsafeCheckpointError` when it sits in a part resuming uses; elsewhere it stays an
-    inert placeholder and is named in the notes.
+    :class:`UnsafeCheckpointError` when it sits in a part resuming uses (optimizer, schedulers,
+    the message hub's ``log_scalars``, ``meta`` epoch/iter); elsewhere (other ``meta`` entries,
+    the hub's ``runtime_info``) it stays an inert placeholder and is named in the notes. Tensors
+    are all read into memory, as ``torch.load`` would (the Runner's hooks may change them).
 
     Example:
         >>> ckpt, notes = read_runner_checkpoint("work_dirs/epoch_1.pth")  # doctest: +SKIP
@@ -494,6 +508,9 @@ def read_runner_checkpoint(filename: str | os.PathLike, map_location: Any = "cpu
 
 def _check_placeholders(tree: dict[str, Any], filename: Any, notes: list[str]) -> None:
     needed = [(f"[{k!r}]", tree[k]) for k in _RESUME_PARTS if k in tree]
+    hub = tree.get("message_hub")
+    if isinstance(hub, dict) and "log_scalars" in hub:
+        needed.append(("['message_hub']['log_scalars']", hub["log_scalars"]))
     meta = tree.get("meta")
     if isinstance(meta, dict):
         needed += [(f"['meta'][{k!r}]", meta[k]) for k in ("epoch", "iter") if k in meta]

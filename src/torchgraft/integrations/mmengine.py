@@ -207,9 +207,11 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> str:
                       "http(s)/open-mmlab/torchvision/mmcls addresses; fetch this one first")
 
 
-def _load_logged(module: torch.nn.Module, source: Any, options: dict[str, Any]) -> LoadReport:
+def _load_logged(module: torch.nn.Module, source: Any, options: dict[str, Any],
+                 origin: tuple[str, str] | None = None) -> LoadReport:
     """``tg.load`` with the report (or the failed plan's report) in mmengine's log; a low-load
-    warning is logged there too and re-emitted as a Python warning."""
+    warning is logged there too and re-emitted as a Python warning. ``origin``: the file and
+    format an in-memory ``source`` was read from, for the report."""
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", api.LowLoadWarning)
@@ -217,14 +219,21 @@ def _load_logged(module: torch.nn.Module, source: Any, options: dict[str, Any]) 
     except TorchgraftError as err:
         failed = getattr(err, "report", None)
         if failed is not None:
+            _set_origin(failed, origin)
             print_log(str(failed), logger="current", level=logging.ERROR)
         raise
+    _set_origin(report, origin)
     print_log(str(report), logger="current")
     for w in caught:  # a low load: said in mmengine's log and as a Python warning
         if issubclass(w.category, api.LowLoadWarning):
             print_log(str(w.message), logger="current", level=logging.WARNING)
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return report
+
+
+def _set_origin(report: Any, origin: tuple[str, str] | None) -> None:
+    if origin is not None and isinstance(report, LoadReport):
+        report.source, report.format = origin
 
 
 # --- the initializer -------------------------------------------------------------------------
@@ -489,6 +498,12 @@ def read_runner_checkpoint(filename: str | os.PathLike, map_location: Any = "cpu
         >>> ckpt["meta"]["epoch"], type(ckpt["message_hub"]["log_scalars"]["train/loss"])
         (1, <class 'mmengine.logging.history_buffer.HistoryBuffer'>)  # doctest: +SKIP
     """
+    tree, notes, _ = _read_runner(filename, map_location, trust)
+    return tree, notes
+
+
+def _read_runner(filename: Any, map_location: Any,
+                 trust: bool) -> tuple[dict[str, Any], list[str], tuple[str, str]]:
     source = resolve_checkpoint(filename)
     ckpt = open_checkpoint(source, trust=trust)
     notes: list[str] = []
@@ -503,7 +518,7 @@ def read_runner_checkpoint(filename: str | os.PathLike, map_location: Any = "cpu
         notes.append("meta['config'] (a Python config text) was not passed on: mmengine would "
                      "execute it")
     _check_placeholders(tree, filename, notes)
-    return tree, notes
+    return tree, notes, (str(ckpt.path or source), ckpt.format)
 
 
 def _check_placeholders(tree: dict[str, Any], filename: Any, notes: list[str]) -> None:
@@ -533,19 +548,21 @@ def _runner_load_checkpoint(self: Any, filename: str, map_location: Any = "cpu",
     from mmengine.model import is_model_wrapper
 
     options = dict(_RUNNER_OPTIONS)
-    checkpoint, notes = read_runner_checkpoint(filename, map_location,
-                                               trust=bool(options.get("trust")))
+    checkpoint, notes, origin = _read_runner(filename, map_location, bool(options.get("trust")))
     for note in notes:
         print_log(f"torchgraft: {note}", logger="current")
     self.call_hook("after_load_checkpoint", checkpoint=checkpoint)
     model = self.model.module if is_model_wrapper(self.model) else self.model
     if options.get("select") is None and "state_dict" in checkpoint:
         options["select"] = "state_dict"
-    options["rename"] = _normalise_rename(options.get("rename"), [list(p) for p in revise_keys])
+    revise = [list(p) for p in revise_keys]
+    if revise == [[r"^module.", ""]]:  # mmengine's default: auto strips 'module.' already
+        revise = []
+    options["rename"] = _normalise_rename(options.get("rename"), revise)
     options["strict"] = bool(strict or options.get("strict"))
     options["trust"] = False  # the file was read above; the checkpoint is now in memory
     print_log(f"torchgraft: loading {filename} into {type(model).__name__}", logger="current")
-    self.torchgraft_report = _load_logged(model, checkpoint, options)
+    self.torchgraft_report = _load_logged(model, checkpoint, options, origin)
     self._has_loaded = True
     self.logger.info(f"Load checkpoint from {filename}")
     return checkpoint

@@ -453,6 +453,9 @@ def test_lightning_object_hparams_named_not_run(lit_files):
                                        cfg=RunConfig(hidden=6))
     assert _same(dict(ours.state_dict()), dict(ref.state_dict())) == []
     assert ours.hparams.scale == 1.0
+    trusted = load_from_checkpoint(cls, lit_files["object"], trust=True)  # the user's choice
+    assert trusted.hparams.cfg == RunConfig(hidden=6)
+    assert _same(dict(trusted.state_dict()), dict(ref.state_dict())) == []
 
 
 def test_lightning_on_load_checkpoint_hook_runs(lit_files):

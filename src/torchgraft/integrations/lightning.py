@@ -56,7 +56,6 @@ _HPARAMS = "hyper_parameters"
 _HPARAMS_NAME = "hparams_name"
 _HPARAMS_TYPE = "hparams_type"
 _PAST_HPARAMS = ("hparams", "module_arguments")  # Lightning's CHECKPOINT_PAST_HPARAMS_KEYS
-_OMEGA = "omegaconf."
 _OMEGA_CONTAINERS = ("omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig")
 
 
@@ -268,9 +267,8 @@ def load_from_checkpoint(cls: type, checkpoint_path: str | os.PathLike, *,
     pkg = lightning_package(cls)
     path = os.path.expanduser(os.fspath(checkpoint_path))
     root = _read(path, trust)
-    state = root["state_dict"]
-    rest = {k: v for k, v in root.items() if k != "state_dict"}
-    checkpoint = rebuild(rest, _REBUILDERS)
+    hparam_keys = (_HPARAMS, _HPARAMS_NAME, _HPARAMS_TYPE, *_PAST_HPARAMS)
+    checkpoint = rebuild({k: v for k, v in root.items() if k in hparam_keys}, _REBUILDERS)
     kwargs = _class_kwargs(cls, checkpoint, dict(overrides), pkg)
     _refuse_placeholders(kwargs, cls, checkpoint_path)
     obj = _instantiate(cls, kwargs, pkg, checkpoint_path)
@@ -284,8 +282,9 @@ def load_from_checkpoint(cls: type, checkpoint_path: str | os.PathLike, *,
     options = dict(load_options or {})
     options.setdefault("strict", bool(strict))
     source: Any = path
-    if _overridden(obj, "on_load_checkpoint", pkg):
-        checkpoint["state_dict"] = rebuild(state)  # the hook may edit it, as in Lightning
+    if _overridden(obj, "on_load_checkpoint", pkg):  # it sees (and may edit) everything
+        others = {k: v for k, v in root.items() if k not in hparam_keys}
+        checkpoint.update(rebuild(others, _REBUILDERS))
         obj.on_load_checkpoint(checkpoint)
         source = checkpoint["state_dict"]
     else:  # straight from the file: tensors are read into the module's own memory

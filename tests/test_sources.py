@@ -248,6 +248,7 @@ def test_online_sharded_repo_fetches_the_index_and_every_shard(hub, weights, tmp
                                                                 monkeypatch):
     huggingface_hub = pytest.importorskip("huggingface_hub")
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     names = list(weights["a"])
     index = {"weight_map": {n: f"s{i % 2}.safetensors" for i, n in enumerate(names)}}
     remote = {"sub/model.safetensors.index.json": json.dumps(index).encode(),
@@ -275,6 +276,7 @@ def test_online_sharded_repo_fetches_the_index_and_every_shard(hub, weights, tmp
 
 def test_online_miss_without_huggingface_hub(hub, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
     with pytest.raises(CheckpointNotFoundError, match="pip install huggingface_hub"):
         tg.read("hf://org/absent")

@@ -526,14 +526,6 @@ def test_pesto_loads_like_the_package(unpacked: Callable[[Pin], Path], imports: 
     assert_read_like_torch(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torchgraft bug (issue 13, section 3): pesto/weights/mir-1k.ckpt into the PESTO model of pesto "
-    "2.0.1: every tensor torch loads is copied under its own name, yet the report shows the rule "
-    "\"auto: strip 'encoder.prefilt_layers.' and add 'encoder.conv1.' (matches 15 tensors by name and "
-    "shape instead of 14)\" beside 'copied 14', and explains the two unexpected "
-    "encoder.prefilt_layers.0.{weight,bias} as \"maps to 'encoder.conv1.0.weight' like "
-    "'encoder.conv1.0.weight'\": a rule onto names the checkpoint already holds, and a count that is "
-    "not what the plan does"))
 def test_pesto_old_layout_reports_no_rename_rule(unpacked: Callable[[Pin], Path],
                                                  imports: None) -> None:
     root = unpacked(PESTO)
@@ -572,11 +564,6 @@ def test_resemblyzer_voice_encoder_loads_like_the_package(unpacked: Callable[[Pi
     assert_read_like_torch(path, where=lambda keys: not any(isinstance(k, int) for k in keys))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torchgraft bug (issue 13, section 5): resemblyzer/pretrained.pt's optimizer_state/state is keyed "
-    "by integers (old torch optimizers' parameter ids); select='optimizer_state/state/<id>' raises "
-    "SelectError \"optimizer_state/state has no key '<id>'; it has [<id>, ...]\", so tg.read cannot "
-    "reach the Adam moments that torch.load returns"))
 def test_resemblyzer_optimizer_state_reads_like_torch(unpacked: Callable[[Pin], Path]) -> None:
     path = unpacked(RESEMBLYZER) / "resemblyzer" / "pretrained.pt"
     assert_read_like_torch(path, where=lambda keys: any(isinstance(k, int) for k in keys))

@@ -143,8 +143,6 @@ def _timm(s: ModelSpec, params: dict[str, Any]):
 
 
 def _transformers(s: ModelSpec, params: dict[str, Any]):
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
     try:
         import transformers
     except ImportError:
@@ -153,8 +151,12 @@ def _transformers(s: ModelSpec, params: dict[str, Any]):
     config_ref = params.pop("config", None)
     if config_ref is None:
         config_class = getattr(cls, "config_class", None)
-        if config_class is None:
-            raise SpecError(f"{s.text}: pass ?config=PATH or ?config=ConfigClass")
+        if config_class is None or not params:
+            name = getattr(config_class, "__name__", "ConfigClass")
+            raise SpecError(
+                f"{s.text}: which size? Pass ?config=PATH (a model folder or config.json), or "
+                f"?config={name} to build {name}'s defaults explicitly, or the sizes as "
+                f"parameters (e.g. ?hidden_size=192&num_hidden_layers=12)")
         config = config_class(**params)
     elif os.path.exists(str(config_ref)):
         try:

@@ -541,6 +541,43 @@ def test_npz_bad_crc_in_a_deflated_member_leaves_the_model_unchanged(tmp_path: P
         tg.read(path)
 
 
+def _all_deflated(tmp_path: Path, model: nn.Module) -> Path:
+    plain = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), plain)
+    return rezip(plain, tmp_path / "deflated.pth", zipfile.ZIP_DEFLATED)
+
+
+def test_deflated_storages_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(64, 512))
+    path = _all_deflated(tmp_path, src)
+    model = nn.Sequential(nn.Linear(64, 512))
+    assert tg.load(model, path).ok
+    assert torch.equal(model[0].weight, src[0].weight)
+
+
+@pytest.mark.parametrize("damage", ["crc", "bytes"])
+def test_corrupt_deflated_storage_fails_before_the_first_write(tmp_path: Path,
+                                                               damage: str) -> None:
+    torch.manual_seed(0)
+    path = _all_deflated(tmp_path, nn.Sequential(nn.Linear(64, 512)))
+    with zipfile.ZipFile(path) as zf:
+        infos = [i for i in zf.infolist() if "/data/" in i.filename]
+    big = max(infos, key=lambda i: i.file_size)  # the weight; the bias would be copied first
+    if damage == "crc":
+        patch_zip(path, big.filename, crc=big.CRC ^ 1)
+    else:
+        raw = bytearray(path.read_bytes())
+        start = big.header_offset + 30 + len(big.filename.encode())
+        raw[start + big.compress_size // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    model = nn.Sequential(nn.Linear(64, 512))
+    before = snapshot(model)
+    with pytest.raises(tg.CorruptCheckpointError):
+        tg.load(model, path)
+    assert_same(model, before)
+
+
 def test_mixed_npz_loads_when_intact(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(4, 3))
     path = tmp_path / "ok.npz"

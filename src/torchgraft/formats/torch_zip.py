@@ -206,7 +206,38 @@ def _deflated_storage(fh: FileHandle, dtype: torch.dtype, name: str, offset: int
         usizes.update(_uncompressed_sizes(fh.path))
     if name not in usizes:
         raise CorruptCheckpointError(f"storage data/{key}: no uncompressed size in the archive")
-    return _DeflatedStorage(dtype, fh, offset, csize, usizes[name], crc, key)
+    ref = _DeflatedStorage(dtype, fh, offset, csize, usizes[name], crc, key)
+    _verify_inflates(ref)
+    return ref
+
+
+def _verify_inflates(ref: _DeflatedStorage) -> None:
+    """Inflate a deflated storage once while reading, in bounded steps, keeping nothing: its size
+    and CRC must hold before any tensor is written (issue #10, item 7); the copy inflates it
+    again. Never produces more than the declared size plus one step."""
+    if not ref.nbytes:
+        return
+    inflater = zlib.decompressobj(-15)
+    got, crc, pos, end, step = 0, 0, ref.offset, ref.offset + ref.csize, 1 << 20
+    try:
+        while got <= ref.nbytes and not inflater.eof:
+            chunk = inflater.unconsumed_tail
+            if not chunk:
+                if pos >= end:
+                    break
+                chunk = ref.fh.pread(pos, min(step, end - pos))
+                pos += len(chunk)
+            out = inflater.decompress(chunk, step)
+            got += len(out)
+            crc = zlib.crc32(out, crc)
+    except zlib.error as err:
+        raise CorruptCheckpointError(
+            f"{ref.fh.path.name}: storage data/{ref.key} does not inflate ({err}); the file is "
+            "corrupt - download it again") from None
+    if got != ref.nbytes or (ref.crc and crc != ref.crc):
+        raise CorruptCheckpointError(
+            f"{ref.fh.path.name}: storage data/{ref.key} fails its size or CRC check; the file "
+            "is corrupt - download it again")
 
 
 class TorchZipFormat(Format):

@@ -356,7 +356,12 @@ def _rule_kind(strip: str, add: str, model_prefixes: set[str]) -> str | None:
     if not (s and a):
         kind = "wrap"
     else:
-        kind = "flatten" if s.replace(".", "_") == a.replace(".", "_") else "translate"
+        # the same name with '.' for '_', maybe under a wrapper ('backbone.stages.2.')
+        flat = a.replace(".", "_")
+        parts = s.split(".")[:-1]
+        kind = "translate"
+        if any("".join(p + "_" for p in parts[i:]) == flat for i in range(len(parts))):
+            kind = "flatten"
     if (strip and add and strip in model_prefixes
             and not strip.startswith(add) and not add.startswith(strip)):
         return None

@@ -50,3 +50,8 @@ __all__ = [
     "UnsupportedTargetError", "LoadHookError", "TooLittleLoadedError", "LIMITS", "Limits",
     "limits_raised", "LowLoadWarning", "LoadOptions", "__version__",
 ]
+
+from .errors import ChecksumError  # noqa: E402
+from .sources import ResolvedSource, provenance_of, resolve_source  # noqa: E402
+
+__all__ += ["ChecksumError", "ResolvedSource", "provenance_of", "resolve_source"]

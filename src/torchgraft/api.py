@@ -53,6 +53,7 @@ from .progress import ProgressBar
 from .report import Entry, LoadReport
 from .rules import model_rules, resolve_filter
 from .selection import Candidate, describe_container, find_candidates, rank, resolve
+from .sources import resolve_source
 from .tensors import MemoryRef, TensorRef
 
 Source = str | os.PathLike | Mapping
@@ -124,6 +125,7 @@ def read(source: Source, select: str | None = None, *, trust: bool = False) -> S
         >>> sd.selected, sd["w"].tolist()
         ('model', [1.0, 1.0])
     """
+    source = resolve_source(source)  # hf:// ids and URLs become local paths; others unchanged
     ckpt = open_checkpoint(source, trust=trust)
     cand, ranked = _choose(ckpt, select, None)
     return StateDict(cand.tensors, ckpt, cand.path, ranked)
@@ -177,8 +179,21 @@ class LoadOptions:
     min_loaded: float | None = None
     hooks: bool = True
     filter: Any = None
+    adapt: Any = "auto"
+    labels: Any = None
 
     def __post_init__(self) -> None:
+        lab = self.labels
+        if lab is not None and not (
+                (isinstance(lab, int) and not isinstance(lab, bool))
+                or (hasattr(lab, "__len__") and not isinstance(lab, (str, bytes)))):
+            raise OptionError(f"labels={lab!r}: expected a list of checkpoint class indices "
+                              "(one per model class) or an int offset")
+        a = self.adapt
+        if not (a in ("auto", True, False) or (isinstance(a, (list, tuple, set, frozenset))
+                                               and all(isinstance(n, str) for n in a))):
+            raise OptionError(f"adapt={a!r}: expected 'auto' (default), False, or a list of "
+                              "adapter names (torchgraft.transforms.registered_adapters())")
         for name in ("auto", "strict", "trust", "timm_filter", "hooks"):
             value = getattr(self, name)
             if not isinstance(value, bool):
@@ -204,7 +219,11 @@ class LoadOptions:
                 "trust": self.trust, "timm_filter": self.timm_filter,
                 "min_loaded": self.min_loaded, "hooks": self.hooks,
                 "filter": self.filter if self.filter is None or isinstance(self.filter, str)
-                else getattr(self.filter, "__name__", repr(self.filter))}
+                else getattr(self.filter, "__name__", repr(self.filter)),
+                "adapt": sorted(self.adapt) if isinstance(self.adapt, (set, frozenset))
+                else self.adapt,
+                "labels": self.labels if self.labels is None or isinstance(self.labels, int)
+                else f"{len(self.labels)} class indices"}
 
 
 def _check_model(model: Any, source: Any) -> None:
@@ -220,7 +239,8 @@ def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
          mismatch: str | None = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
          timm_filter: bool = False, min_loaded: float | None = None,
-         hooks: bool = True, filter: Any = None) -> LoadReport:
+         hooks: bool = True, filter: Any = None, adapt: Any = "auto",
+         labels: Any = None) -> LoadReport:
     """Dry run: the report ``load`` would give, without touching the model.
 
     A plan that ``load`` would refuse is returned with ``ok=False`` and ``error`` set, instead of
@@ -235,10 +255,58 @@ def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
     """
     _check_model(model, source)
     opts = LoadOptions(select, prefix, rename, auto, mismatch, strict, trust, timm_filter,
-                       min_loaded, hooks, filter)
+                       min_loaded, hooks, filter, adapt, labels)
     with gc_paused():
         planned = _plan(model, source, opts)
     return planned.report
+
+
+def _adapter(model: torch.nn.Module, opts: LoadOptions, rules: Any) -> Any:
+    """The plan's ``adapt`` callback for these options (None: ``adapt=False``)."""
+    if opts.adapt is False:
+        return None
+    from .transforms import ClassifierRows, TransformRef, propose, role_of
+
+    wanted = None if opts.adapt in ("auto", True) else set(opts.adapt)
+    roles: dict[str, str] | None = None
+    extra = [ClassifierRows(opts.labels)] if opts.labels is not None else []
+
+    def enabled(adapter: Any) -> bool:
+        return adapter.default if wanted is None else adapter.name in wanted
+
+    def get_roles() -> dict[str, str]:
+        nonlocal roles
+        if roles is None:  # only when some tensor does not fit, or labels= is given
+            roles = (rules.roles() if rules.roles else {}) or _structural_roles(model)
+            if extra and "classifier" not in roles.values():
+                raise OptionError(
+                    "labels= needs the model's classifier, and this model's framework does not "
+                    "name one (timm: pretrained_cfg['classifier']); pass adapt=False and rename= "
+                    "instead, or a model that declares its classifier")
+        return roles
+
+    def adapt(name: str, ref: TensorRef, slot: Slot) -> TensorRef | None:
+        found = propose(name, role_of(name, get_roles()), ref.shape, slot.shape, enabled, extra)
+        if not found:
+            return None
+        if len({tuple(op.describe() for op in p.ops) for p in found}) > 1:
+            raise UnsupportedTargetError(
+                f"{name}: adapters {[p.adapter for p in found]} propose different transforms "
+                f"for checkpoint {list(ref.shape)} -> model {list(slot.shape)}; pass adapt=[name] "
+                "to choose one, or adapt=False")
+        return TransformRef(ref, found[0].ops, found[0].adapter)
+
+    adapt.forced = (lambda name: role_of(name, get_roles()) == "classifier") if extra else None
+    return adapt
+
+
+def _structural_roles(model: torch.nn.Module) -> dict[str, str]:
+    """Roles from structure when the framework gives none: the first convolution is the input
+    layer."""
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            return {f"{path}.": "first_conv"}
+    return {}
 
 
 def _filtered(model: torch.nn.Module, cand: Candidate, fn: Any) -> Candidate:
@@ -259,6 +327,7 @@ class _Planned:
 
 
 def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned:
+    source = resolve_source(source)  # hf:// ids and URLs become local paths; others unchanged
     ckpt = open_checkpoint(source, trust=opts.trust)
     slots = model_slots(model)
     shapes = _shapes(slots)
@@ -313,7 +382,7 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
 
         for group in groups:
             native_entries += plan_group(group, tolerate)
-    p = make_plan(slots, refs, names, opts.mismatch, classifiers)
+    p = make_plan(slots, refs, names, opts.mismatch, classifiers, _adapter(model, opts, rules))
     tolerated |= p.tolerated
     entries = _merge(p.entries, native_entries, groups) if groups else p.entries
     report = LoadReport(
@@ -505,7 +574,8 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
          mismatch: str | None = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
          timm_filter: bool = False, min_loaded: float | None = None, hooks: bool = True,
-         filter: Any = None, progress: bool | None = None) -> LoadReport:
+         filter: Any = None, adapt: Any = "auto", labels: Any = None,
+         progress: bool | None = None) -> LoadReport:
     """Load ``source`` into ``model`` all-or-nothing and return the report.
 
     The model ends up exactly as ``model.load_state_dict(mapped, strict=False)`` would leave it
@@ -530,7 +600,7 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
     """
     _check_model(model, source)
     opts = LoadOptions(select, prefix, rename, auto, mismatch, strict, trust, timm_filter,
-                       min_loaded, hooks, filter)
+                       min_loaded, hooks, filter, adapt, labels)
     if progress is not None and not isinstance(progress, bool):
         raise OptionError(f"progress={progress!r}: expected True, False or None")
     with gc_paused():

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -19,12 +20,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .api import read
 from .errors import SelectError
 from .formats import Checkpoint, open_checkpoint
 from .formats.unpickler import Placeholder
+from .limits import LIMITS
 from .report import fold_indices
 from .selection import find_candidates
 from .tensors import TensorRef
@@ -39,102 +42,149 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # --- rendering container values -----------------------------------------------------------------
+#
+# Every walk here is bounded whatever the file: render() by depth and items per level, to_json()
+# by a node budget, _count_tensors() visits each object once and counts toward LIMITS.max_nodes.
+
+RENDER_NODES = 200_000  # values one inspect call renders (text and JSON) before "..."
 
 
-def render(obj: Any, depth: int = 0) -> str:
-    """Python-like text for a container value; placeholders as ``qualname(k=v, ...)``."""
+class _Budget:
+    """Work left for the renderings of one inspect call, shared by all its rows."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, nodes: int = RENDER_NODES) -> None:
+        self.left = nodes
+
+    def take(self) -> bool:
+        self.left -= 1
+        return self.left >= 0
+
+
+def _first(items: Any, n: int = 12) -> list:
+    return list(itertools.islice(items, n))
+
+
+def _is_numpy(obj: Any) -> bool:
+    return isinstance(obj, (np.ndarray, np.generic))
+
+
+def _scalar_text(obj: Any) -> str:
+    if type(obj) is int and obj.bit_length() > 64:
+        return f"<int of {obj.bit_length()} bits>"  # repr() of a huge int may refuse
+    return repr(obj)
+
+
+def render(obj: Any, depth: int = 0, budget: _Budget | None = None) -> str:
+    """Python-like text for a container value; placeholders as ``qualname(k=v, ...)``
+    (12 items a level, 4 levels, at most ``budget`` values)."""
+    budget = budget if budget is not None else _Budget()
     if isinstance(obj, TensorRef):
         return f"tensor{list(obj.shape)} {dtype_name(obj.dtype)}"
-    if depth > 3:
+    if depth > 3 or not budget.take():
         return "..."
     if isinstance(obj, Placeholder):
         state = obj.state
-        if isinstance(state, dict) and all(isinstance(k, str) for k in state):
-            inner = [f"{k}={render(v, depth + 1)}" for k, v in list(state.items())[:12]]
+        if isinstance(state, dict) and all(isinstance(k, str) for k in _first(state, 1000)):
+            inner = [f"{k}={render(v, depth + 1, budget)}" for k, v in _first(state.items())]
         else:
-            inner = [render(a, depth + 1) for a in obj.args[:12]]
-            inner += [f"{render(k, depth + 1)}: {render(v, depth + 1)}"
-                      for k, v in list(obj.items.items())[:12]]
+            inner = [render(a, depth + 1, budget) for a in obj.args[:12]]
+            inner += [f"{render(k, depth + 1, budget)}: {render(v, depth + 1, budget)}"
+                      for k, v in _first(obj.items.items())]
         return f"{obj.qualname}({', '.join(inner)})"
     if isinstance(obj, dict):
-        items = [f"{render(k, depth + 1)}: {render(v, depth + 1)}" for k, v in
-                 list(obj.items())[:12]]
+        items = [f"{render(k, depth + 1, budget)}: {render(v, depth + 1, budget)}" for k, v in
+                 _first(obj.items())]
         return "{" + ", ".join(items) + (", ..." if len(obj) > 12 else "") + "}"
     if isinstance(obj, (list, tuple, set, frozenset)):
-        seq = list(obj)
-        body = ", ".join(render(v, depth + 1) for v in seq[:12]) + (", ..." if len(seq) > 12
-                                                                     else "")
+        body = ", ".join(render(v, depth + 1, budget) for v in _first(obj)) + (", ..." if len(obj) > 12
+                                                                      else "")
         return {list: f"[{body}]", tuple: f"({body})"}.get(type(obj), "{" + body + "}")
-    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):
+    if _is_numpy(obj):
         if getattr(obj, "ndim", 0) == 0 or obj.size <= 12:
             return repr(obj.tolist())
         return f"array{list(obj.shape)} {obj.dtype}"
     if isinstance(obj, bytes):
         return f"<{len(obj)} bytes>"
-    return repr(obj)
+    return _scalar_text(obj)
 
 
-def to_json(obj: Any, depth: int = 0) -> Any:
-    """A JSON-safe copy of a container value (placeholders as ``{"object": name, ...}``)."""
+def to_json(obj: Any, depth: int = 0, budget: _Budget | None = None) -> Any:
+    """A JSON-safe copy of a container value (placeholders as ``{"object": name, ...}``);
+    six levels deep and at most ``budget`` values, then ``"..."``."""
+    budget = budget if budget is not None else _Budget()
     if isinstance(obj, TensorRef):
         return {"tensor": list(obj.shape), "dtype": dtype_name(obj.dtype)}
-    if depth > 6:
+    if depth > 6 or not budget.take():
         return "..."
     if isinstance(obj, Placeholder):
         out: dict[str, Any] = {"object": obj.qualname, "executed": False}
         if obj.state is not None:
-            out["state"] = to_json(obj.state, depth + 1)
+            out["state"] = to_json(obj.state, depth + 1, budget)
         if obj.args:
-            out["args"] = to_json(list(obj.args), depth + 1)
+            out["args"] = to_json(list(obj.args), depth + 1, budget)
         if obj.items:
-            out["items"] = to_json(obj.items, depth + 1)
+            out["items"] = to_json(obj.items, depth + 1, budget)
         return out
     if isinstance(obj, dict):
-        return {str(k): to_json(v, depth + 1) for k, v in obj.items()}
+        return {str(k) if type(k) is not int else _scalar_text(k): to_json(v, depth + 1, budget)
+                for k, v in itertools.islice(obj.items(), max(budget.left, 0) + 1)}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_json(v, depth + 1) for v in obj]
+        return [to_json(v, depth + 1, budget)
+                for v in itertools.islice(obj, max(budget.left, 0) + 1)]
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else str(obj)
+    if type(obj) is int and obj.bit_length() > 64:
+        return _scalar_text(obj)
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
-    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):
-        if getattr(obj, "ndim", 0) == 0 or obj.size <= 64:
-            return to_json(obj.tolist(), depth + 1)
+    if _is_numpy(obj) and (getattr(obj, "ndim", 0) == 0 or obj.size <= 64):
+        return to_json(obj.tolist(), depth + 1, budget)
     return render(obj)
 
 
-def _count_tensors(obj: Any, depth: int = 0) -> int:
+def _count_tensors(obj: Any, memo: dict[int, int] | None = None, depth: int = 0) -> int:
+    """Tensor references reachable from ``obj`` through dicts, lists and tuples, 20 levels deep.
+    ``memo`` (id -> count) makes each container cost one visit however often it is shared."""
     if isinstance(obj, TensorRef):
         return 1
-    if depth > 20:
+    if depth > 20 or not isinstance(obj, (dict, list, tuple)):
         return 0
-    if isinstance(obj, dict):
-        return sum(_count_tensors(v, depth + 1) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_count_tensors(v, depth + 1) for v in obj)
-    return 0
+    memo = {} if memo is None else memo
+    got = memo.get(id(obj))
+    if got is None:
+        memo[id(obj)] = 0  # a container inside itself adds nothing
+        LIMITS.check("max_nodes", len(memo), "objects visited counting tensors")
+        values = obj.values() if isinstance(obj, dict) else obj
+        got = memo[id(obj)] = sum(_count_tensors(v, memo, depth + 1) for v in values)
+    return got
 
 
-def describe_value(key: str, value: Any, candidate_paths: set[str]) -> dict[str, Any]:
-    """One container row: ``key``, ``type``, ``summary`` text, JSON ``value`` when small."""
-    n = _count_tensors(value)
+def describe_value(key: str, value: Any, candidate_paths: set[str], budget: _Budget | None = None,
+                   memo: dict[int, int] | None = None) -> dict[str, Any]:
+    """One container row: ``key``, ``type``, ``summary`` text, JSON ``value`` when small.
+    ``budget`` and ``memo`` are shared by the rows of one container (bounded total work)."""
+    budget = budget if budget is not None else _Budget()
+    memo = {} if memo is None else memo
+    n = _count_tensors(value, memo)
     if isinstance(value, dict) and key in candidate_paths:
-        direct = sum(isinstance(v, TensorRef) for v in value.values())
+        direct = _count_tensors(value, {}, 20)  # 20: only the tensors it holds directly
         extra = f" (+{n - direct} nested)" if n > direct else ""
         return {"key": key, "type": "state_dict", "summary": f"state dict: {direct} tensors{extra}",
                 "value": None, "tensors": n}
-    text = render(value)
+    text = render(value, 0, budget)
     kind = type(value).__name__ if not isinstance(value, Placeholder) else "object"
     small = n == 0 and len(text) <= INLINE
     if isinstance(value, Placeholder):
         summary = f"{text}  (not executed)" if small else f"{value.qualname}(...)  (not executed)"
     elif small:
         summary = f"{kind}: {text}"
-    elif isinstance(value, dict) and n == 0 and _partial(value):
-        summary = f"dict: {_partial(value)}"
+    elif isinstance(value, dict) and n == 0 and _partial(value, budget):
+        summary = f"dict: {_partial(value, budget)}"
     elif isinstance(value, dict):
-        keys = ", ".join(_short(str(k)) for k in list(value)[:6]) + (", ..." if len(value) > 6
-                                                                       else "")
+        keys = ", ".join(_short(_scalar_text(k) if type(k) is int else str(k))
+                         for k in _first(value, 6)) + (", ..." if len(value) > 6 else "")
         summary = f"dict with {len(value)} key{'s' if len(value) != 1 else ''}: {keys}"
     elif isinstance(value, (list, tuple)):
         summary = f"{kind} of {len(value)} items"
@@ -143,15 +193,15 @@ def describe_value(key: str, value: Any, candidate_paths: set[str]) -> dict[str,
     if n:
         summary += f" ({n} tensors)"
     return {"key": key, "type": kind, "summary": summary,
-            "value": to_json(value) if n == 0 and len(text) <= JSON_INLINE else None,
+            "value": to_json(value, 0, budget) if n == 0 and len(text) <= JSON_INLINE else None,
             "tensors": n}
 
 
-def _partial(value: dict) -> str | None:
+def _partial(value: dict, budget: _Budget) -> str | None:
     """The first items of a dict that fit in one line, then how many keys it has."""
     parts: list[str] = []
     for k, v in value.items():
-        item = f"{render(k)}: {render(v, 1)}"
+        item = f"{render(k, 1, budget)}: {render(v, 1, budget)}"
         if sum(len(p) + 2 for p in parts) + len(item) > INLINE - 16:
             break
         parts.append(item)
@@ -163,8 +213,9 @@ def _short(text: str, width: int = 40) -> str:
 
 
 def describe_container(root: Any, candidate_paths: set[str]) -> list[dict[str, Any]]:
+    budget, memo = _Budget(), {}
     if not isinstance(root, dict):
-        return [describe_value("<root>", root, candidate_paths)]
+        return [describe_value("<root>", root, candidate_paths, budget, memo)]
     rows = []
     top = [k for k, v in root.items() if isinstance(v, TensorRef)]
     if top:
@@ -172,7 +223,8 @@ def describe_container(root: Any, candidate_paths: set[str]) -> list[dict[str, A
                      "summary": f"state dict: {len(top)} tensors at the top level"})
     for key, value in root.items():
         if not isinstance(value, TensorRef):
-            rows.append(describe_value(str(key), value, candidate_paths))
+            name = _scalar_text(key) if type(key) is int else str(key)
+            rows.append(describe_value(name, value, candidate_paths, budget, memo))
     return rows
 
 

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -112,8 +113,13 @@ def _dtype(d: torch.dtype) -> str:
 
 def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap,
               mismatch: str | None = "error",
-              classifiers: dict[str, str] | None = None) -> Plan:
+              classifiers: dict[str, str] | None = None,
+              adapt: Callable[[str, TensorRef, Slot], TensorRef | None] | None = None) -> Plan:
     """Decide, for every model slot and checkpoint tensor, what the load does.
+
+    ``adapt(name, ref, slot)`` may turn a checkpoint tensor of the wrong shape into a computed
+    one of the right shape (a :class:`~torchgraft.transforms.TransformRef`): it is then
+    ``adapted`` instead of a shape mismatch.
 
     ``classifiers`` maps name prefixes of replaceable heads (timm's
     ``pretrained_cfg['classifier']``) to the reason given when they do not fit: such shape
@@ -139,6 +145,7 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
                 group_source[slot.group] = name
     # pass 2: one entry per model tensor, in the model's order
     copies: dict[int, Copy] = {}
+    forced = getattr(adapt, "forced", None)  # names adapted even when the shape fits
     used: set[str] = set()
     why_of = names.why
     entries = plan.entries
@@ -163,6 +170,17 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
         used.add(src)
         why_list = why_of.get(src) if why_of else None
         why = "; ".join(why_list) if why_list else ""
+        if adapt is not None and (ref.shape != tshape or (
+                forced is not None and forced(name))):
+            computed = adapt(name, ref, slot)
+            if computed is not None:
+                how = getattr(computed, "describe", lambda: "")()
+                who = getattr(computed, "adapter", "") or "adapter"
+                entries.append(Entry(name, src, "adapted", ref.shape, tshape,
+                                     _dtype(ref.dtype), _dtype(tdtype),
+                                     _join(f"{who}: {how}", why)))
+                _add_copy(copies, slot, computed, src)
+                continue
         if ref.shape != tshape:
             head = None
             if classifiers and mismatch is None:
@@ -181,14 +199,7 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
             sname, tname = _dtype(rdtype), _dtype(tdtype)
             action, reason = "cast", _join(f"{sname} -> {tname}", why)
         entries.append(Entry(name, src, action, ref.shape, tshape, sname, tname, reason))
-        copy = copies.get(slot.group)
-        if copy is None:
-            copies[slot.group] = Copy(ref, [slot], src)
-        elif not copy.source:  # a tied alias was seen first: this is the carrier
-            copy.ref, copy.source = ref, src
-            copy.slots.insert(0, slot)
-        else:
-            copy.slots.append(slot)  # tied names both in the file: written once
+        _add_copy(copies, slot, ref, src)
     for src, ref in refs.items():
         if src in used:
             continue
@@ -204,6 +215,17 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
     plan.copies = list(copies.values())
     plan.loaded_fraction = _loaded_fraction(slots, copies)
     return plan
+
+
+def _add_copy(copies: dict[int, Copy], slot: Slot, ref: TensorRef, src: str) -> None:
+    copy = copies.get(slot.group)
+    if copy is None:
+        copies[slot.group] = Copy(ref, [slot], src)
+    elif not copy.source:  # a tied alias was seen first: this is the carrier
+        copy.ref, copy.source = ref, src
+        copy.slots.insert(0, slot)
+    else:
+        copy.slots.append(slot)  # tied names both in the file: written once
 
 
 def _join(a: str, b: str) -> str:

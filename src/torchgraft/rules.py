@@ -90,7 +90,23 @@ class TimmRules:
                 for name in [value] if isinstance(value, str) else list(value or ()):
                     if isinstance(name, str) and name:
                         out[f"{base}{name}."] = key
+            pos = _timm_pos_embed_role(module)
+            if pos is not None:
+                out[f"{base}pos_embed"] = pos
         return out
+
+
+def _timm_pos_embed_role(module: torch.nn.Module) -> Any:
+    """timm ViT-style models: the pos_embed's grid and prefix tokens, from the model itself."""
+    from .transforms import Role
+
+    pos = module._parameters.get("pos_embed")
+    grid = getattr(getattr(module, "patch_embed", None), "grid_size", None)
+    if pos is None or pos.dim() != 3 or not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        return None
+    prefix = 0 if getattr(module, "no_embed_class", False) else int(
+        getattr(module, "num_prefix_tokens", 1))
+    return Role("pos_embed", (("grid", tuple(int(g) for g in grid)), ("prefix_tokens", prefix)))
 
 
 class TransformersRules:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SelectError
+from .limits import LIMITS
 from .tensors import TensorRef
 
 CONVENTIONAL = ("state_dict", "model", "model_state_dict", "module", "net", "network",
@@ -57,22 +58,41 @@ class Candidate:
                 self.path)
 
 
+MAX_NESTING = 8  # state dicts are looked for this many mappings deep
+
+
 def find_candidates(root: Any) -> list[Candidate]:
-    """All mappings in ``root`` that directly hold tensors, outer ones first."""
+    """All mappings in ``root`` that directly hold tensors, outer ones first.
+
+    A mapping reached by several paths is a candidate under each of them (``{"model": sd,
+    "model_ema": sd}``) but is looked into only once, so the walk is linear in the size of the
+    container however its objects are shared; it counts toward ``LIMITS.max_nodes``.
+    """
     found: list[Candidate] = []
-    _walk(root, "", found, 0)
+    direct: dict[int, dict[str, TensorRef]] = {}  # id -> the tensors it holds, once looked into
+    stack: list[tuple[Any, str, int]] = [(root, "", 0)]
+    work = 0
+    while stack:
+        node, path, depth = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        tensors = direct.get(id(node))
+        first = tensors is None
+        if first:
+            tensors = direct[id(node)] = {k: v for k, v in node.items()
+                                          if isinstance(k, str) and isinstance(v, TensorRef)}
+            work += len(node)
+        if tensors:
+            found.append(Candidate(path, tensors))
+            work += len(tensors)
+        LIMITS.check("max_nodes", work, "objects visited looking for state dicts")
+        if first and depth < MAX_NESTING:
+            children = [(value, f"{path}/{key}" if path else key, depth + 1)
+                        for key, value in node.items()
+                        if isinstance(key, str) and isinstance(value, dict)
+                        and key.lower() not in NOT_MODEL]
+            stack.extend(reversed(children))
     return found
-
-
-def _walk(node: Any, path: str, found: list[Candidate], depth: int) -> None:
-    if not isinstance(node, dict) or depth > 8:
-        return
-    tensors = {k: v for k, v in node.items() if isinstance(k, str) and isinstance(v, TensorRef)}
-    if tensors:
-        found.append(Candidate(path, tensors))
-    for key, value in node.items():
-        if isinstance(key, str) and isinstance(value, dict) and key.lower() not in NOT_MODEL:
-            _walk(value, f"{path}/{key}" if path else key, found, depth + 1)
 
 
 def resolve(root: Any, select: str) -> Candidate:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CorruptCheckpointError, ReadError
+from .errors import CorruptCheckpointError, ReadError, ResourceLimitError
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -54,16 +54,30 @@ def is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 _LAYOUTS: dict[tuple, tuple[tuple[int, ...], int, bool, int]] = {}
 
 
+def _plain_dims(dims: tuple, what: str) -> tuple[int, ...]:
+    """``dims`` as a tuple of non-negative plain ints, or a CorruptCheckpointError."""
+    if type(dims) is not tuple or any(type(d) is not int or d < 0 for d in dims):
+        raise CorruptCheckpointError(f"bad tensor {what} {dims!r:.80}: expected non-negative ints")
+    return dims
+
+
 def layout(shape: tuple[int, ...],
            stride: tuple[int, ...] | None) -> tuple[tuple[int, ...], int, bool, int]:
     """``(shape, numel, contiguous, span)`` of a view; ``span`` counts the storage elements it
     touches, and the returned shape is an equal tuple shared by every view of that layout.
 
-    Checkpoints repeat a few shapes many times, so results are memoised (bounded).
+    Checkpoints repeat a few shapes many times, so results are memoised (bounded). Only layouts
+    made of plain non-negative ints are computed and cached; the cached value holds the
+    canonical int tuples, so an equal key (``(True,)`` for ``(1,)``) gets those ints back.
     """
     key = (shape, stride)
     got = _LAYOUTS.get(key)
     if got is None:
+        shape = _plain_dims(shape, "shape")
+        if stride is not None:
+            stride = _plain_dims(stride, "stride")
+            if len(stride) != len(shape):
+                raise CorruptCheckpointError(f"shape {shape} and stride {stride} differ in length")
         numel = math.prod(shape)
         contiguous = stride is None or is_contiguous(shape, stride)
         if numel == 0:
@@ -75,7 +89,7 @@ def layout(shape: tuple[int, ...],
         got = (shape, numel, contiguous, span)
         if len(_LAYOUTS) >= 4096:
             _LAYOUTS.clear()
-        _LAYOUTS[key] = got
+        _LAYOUTS[(shape, stride)] = got
     return got
 
 
@@ -97,6 +111,11 @@ class TensorRef:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+    def __setstate__(self, state: object) -> None:
+        # a pickle's BUILD on a rebuilt tensor would bypass every layout check
+        raise CorruptCheckpointError("pickle tries to set the state of a tensor (BUILD on a "
+                                     "rebuilt tensor); the file is corrupt or hostile")
 
     @property
     def numel(self) -> int:
@@ -256,12 +275,16 @@ class FileRef(TensorRef):
 
     def materialize(self) -> torch.Tensor:
         if self.contiguous:
-            out = torch.empty(self.shape, dtype=self.dtype)
+            out = _empty(self.shape, self.dtype, self.file)
             self._pread_contiguous(out)
             return out
-        flat = torch.empty(self.span_elems(), dtype=self.dtype)
+        return _clone(self._strided_view(), self.file)
+
+    def _strided_view(self) -> torch.Tensor:
+        """The view over its storage span, read from the file (the span's memory only)."""
+        flat = _empty((self.span_elems(),), self.dtype, self.file)
         self._pread_span(flat)
-        return torch.as_strided(flat, self.shape, self.stride).clone()
+        return torch.as_strided(flat, self.shape, self.stride)
 
     def _pread_contiguous(self, out: torch.Tensor) -> None:
         if self.numel:
@@ -283,4 +306,27 @@ class FileRef(TensorRef):
         ):
             self._pread_contiguous(out)
             return
-        out.copy_(self.materialize())
+        out.copy_(self._strided_view() if not self.contiguous else self.materialize())
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, file: FileHandle) -> torch.Tensor:
+    try:
+        return torch.empty(shape, dtype=dtype)
+    except (RuntimeError, MemoryError) as err:
+        raise _too_big(shape, dtype, file, err) from None
+
+
+def _clone(view: torch.Tensor, file: FileHandle) -> torch.Tensor:
+    try:
+        return view.clone()
+    except (RuntimeError, MemoryError) as err:
+        raise _too_big(tuple(view.shape), view.dtype, file, err) from None
+
+
+def _too_big(shape: tuple[int, ...], dtype: torch.dtype, file: FileHandle,
+             err: BaseException) -> ReadError:
+    nbytes = math.prod(shape) * dtype.itemsize
+    return ResourceLimitError(
+        f"{file.path.name}: a tensor of shape {list(shape)} ({nbytes} bytes as {dtype}) cannot be "
+        f"allocated ({str(err).splitlines()[0][:120]}); a view that repeats a small storage "
+        "(stride 0) can ask for far more memory than the file holds")

@@ -70,6 +70,7 @@ from .common import (
     parse_kwargs,
     print_json,
     table,
+    terminal_lines,
 )
 from .compare import checkpoint_diff, fold, plan_suggestions, renamed
 from .specs import build_model, looks_like_spec
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(out)
     else:
-        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.write(terminal_lines(lines, st))  # names from files: no terminal control
     return out["exit_code"]
 
 

@@ -43,7 +43,7 @@ import sys
 from typing import Any
 
 from ..inspect_ import inspect_checkpoint
-from .common import Style, fmt_bytes, fmt_count, fmt_shape, print_json, table
+from .common import Style, escape_tree, fmt_bytes, fmt_count, fmt_shape, print_json, table
 
 MAX_ROWS = 200
 MAX_STATS_ROWS = 400
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render_text(info: dict[str, Any], st: Style) -> list[str]:
+    info = escape_tree(info)  # names, keys and values come from the file: no terminal control
     size = f", {fmt_bytes(info['size_bytes'])}" if info["size_bytes"] is not None else ""
     lines = [st.bold(f"{info['file']}") + f"  ({info['format']}{size})", ""]
     lines.append(st.bold("container:"))

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,7 @@ def open_checkpoint(source: Source, trust: bool = False) -> Checkpoint:
             f"cannot read a {type(source).__name__}: pass a path, a folder or a state dict"
         )
     path = Path(source)
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{path}: no such file or folder")
-    if path.is_dir():
+    if stat.S_ISDIR(checked_stat(path).st_mode):
         ckpt = open_folder(path, lambda p: _open_file(p, trust))
     else:
         ckpt = _open_file(path, trust)
@@ -63,7 +62,33 @@ def open_checkpoint(source: Source, trust: bool = False) -> Checkpoint:
     return ckpt
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def checked_stat(path: Path, regular_only: bool = False) -> os.stat_result:
+    """``os.stat`` of a checkpoint path (links followed) that accepts only a regular file or a
+    folder, with plain-words errors; special files are refused without being opened."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such file or folder") from None
+    except (OSError, ValueError) as err:  # ELOOP, ENAMETOOLONG, EACCES, embedded NUL byte
+        reason = getattr(err, "strerror", None) or str(err)
+        raise ReadError(f"{str(path)[:300]!r}: cannot be read ({reason}); expected a checkpoint "
+                        "file or folder") from None
+    mode = st.st_mode
+    if stat.S_ISREG(mode) or (stat.S_ISDIR(mode) and not regular_only):
+        return st
+    kind = next((what for test, what in _KINDS if test(mode)),
+                "a folder" if stat.S_ISDIR(mode) else "not a regular file")
+    raise UnsupportedFormatError(
+        f"{path}: is {kind}, not a checkpoint file; torchgraft reads only regular files and "
+        "folders (copy the data to a file first)")
+
+
 def _open_file(path: Path, trust: bool) -> Checkpoint:
+    checked_stat(path, regular_only=True)
     try:
         with open(path, "rb") as f:
             head = f.read(512)
@@ -160,25 +185,32 @@ def _wrap_memory(obj: Any, depth: int = 0) -> Any:
     return obj
 
 
-def _modules_to_state_dicts(obj: Any, notes: list[str], depth: int = 0) -> Any:
-    """Replace placeholders of pickled ``nn.Module`` objects by the state dict they would give."""
+def _modules_to_state_dicts(obj: Any, notes: list[str], depth: int = 0,
+                            seen: dict[int, Any] | None = None) -> Any:
+    """Replace placeholders of pickled ``nn.Module`` objects by the state dict they would give.
+    Each object is visited once (``seen``: id -> result), so shared references cost nothing."""
+    seen = {} if seen is None else seen
+    if id(obj) in seen:
+        return seen[id(obj)]
     if isinstance(obj, Placeholder):
         state = module_state(obj)
         if state is not None:
             notes.append(f"whole pickled module {obj.qualname} turned into its state dict "
                          "(its code was not run)")
+            seen[id(obj)] = state
             return state
         return obj
     if depth > 50:
         return obj
+    seen[id(obj)] = obj
     if isinstance(obj, dict):
         for key, value in obj.items():
             if isinstance(value, _CONTAINERS):
-                obj[key] = _modules_to_state_dicts(value, notes, depth + 1)
+                obj[key] = _modules_to_state_dicts(value, notes, depth + 1, seen)
     elif isinstance(obj, list):
         for i, value in enumerate(obj):
             if isinstance(value, _CONTAINERS):
-                obj[i] = _modules_to_state_dicts(value, notes, depth + 1)
+                obj[i] = _modules_to_state_dicts(value, notes, depth + 1, seen)
     return obj
 
 

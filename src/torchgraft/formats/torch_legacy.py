@@ -73,10 +73,14 @@ class TorchLegacyFormat(Format):
             key = str(key)
             dtypes.setdefault(key, storage_type.dtype)
             base_elems = 0
-            if isinstance(view, tuple) and len(view) == 3 and isinstance(view[1], int):
-                base_elems = view[1]
+            if isinstance(view, tuple) and len(view) == 3:
+                base_elems = _view_offset(view, numel, path)
 
             def make_tensor(storage, dt, elem_offset, shape, stride, _key=key, _base=base_elems):
+                if type(elem_offset) is not int or elem_offset < 0:
+                    raise CorruptCheckpointError(
+                        f"{path.name}: a tensor starts at element {elem_offset!r:.40} of storage "
+                        f"{_key}; expected a non-negative offset")
                 ref = FileRef(fh, -1, dt, shape, stride, _base + elem_offset,
                               storage_key=(str(path), _key))
                 pending.setdefault(_key, []).append((ref, ref.elem_offset + ref.span_elems()))
@@ -126,3 +130,14 @@ class TorchLegacyFormat(Format):
                 f"{path.name}: storages {sorted(pending)[:3]} are referenced but not stored"
             )
         return Checkpoint(root=root, format=self.name, path=path, placeholders=placeholders)
+
+
+def _view_offset(view: tuple, numel: int, path: Path) -> int:
+    """The element offset of a legacy storage view ``(key, offset, size)``, checked to lie in
+    ``[0, numel]`` so no tensor reads bytes before or after its own storage."""
+    offset, size = view[1], view[2]
+    if type(offset) is not int or offset < 0 or (type(size) is int and offset + size > numel):
+        raise CorruptCheckpointError(
+            f"{path.name}: a storage view at element {offset!r:.40} (size {size!r:.40}) does not "
+            f"lie inside its {numel}-element storage (corrupt or crafted file)")
+    return offset

@@ -30,7 +30,7 @@ from ..tensors import FileHandle, FileRef, TensorRef, layout
 from .base import Checkpoint, Format
 from .tensor_kinds import ComputedRef
 from .unpickler import StorageRef, StorageType, restricted_loads
-from .zip_index import Members, read_central_directory
+from .zip_index import Members, check_stored_size, inflate_member, read_central_directory
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 
@@ -75,13 +75,21 @@ def _zipfile_members(path: Path) -> Members:
     """The member table through ``zipfile``, for archives ``read_central_directory`` declines."""
     try:
         with zipfile.ZipFile(path) as zf:
-            return {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC)
-                    for i in zf.infolist()}
+            infos = zf.infolist()
+            members = {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC)
+                       for i in infos}
     except Exception as err:  # zipfile raises many types on garbage
         raise CorruptCheckpointError(
             f"{path.name}: not a readable zip archive ({err}); the file is probably truncated "
             "or corrupt - download it again"
         ) from None
+    if len(members) != len(infos):
+        seen: set[str] = set()
+        dup = next(i.filename for i in infos if i.filename in seen or seen.add(i.filename))
+        raise CorruptCheckpointError(
+            f"{path.name}: zip member {dup!r} is in the archive twice (corrupt or crafted: tools "
+            "would disagree on which copy to read)")
+    return members
 
 
 def _read_member(fh: FileHandle, members: Members, name: str) -> bytes:
@@ -90,7 +98,8 @@ def _read_member(fh: FileHandle, members: Members, name: str) -> bytes:
     try:
         if method != zipfile.ZIP_STORED:
             with zipfile.ZipFile(fh.path) as zf:
-                return zf.read(name)
+                return inflate_member(zf, name)
+        check_stored_size(fh.path, name, size, "max_pickle_bytes")
         data = fh.pread(_data_offsets(fh, [(offset, name)])[name], size)
     except TorchgraftError:
         raise

@@ -14,8 +14,8 @@ other tensor holds, so where each value landed is checked bitwise:
 * or the load is refused with ``AmbiguousRenameError`` / ``NothingToLoadError`` and the model is
   unchanged.
 
-Examples: ``TORCHGRAFT_HYPOTHESIS=long`` runs the long profile (thousands of examples); the
-default profile keeps CI under ~20 s.
+Examples: ``TORCHGRAFT_HYPOTHESIS=long`` runs the long profile (5000 examples, or
+``TORCHGRAFT_HYPOTHESIS_EXAMPLES``); the default profile (40) keeps CI to a few seconds.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import torchgraft as tg
 
 settings.register_profile("auto-ci", max_examples=40, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("auto-long", max_examples=5000, deadline=None,
+settings.register_profile("auto-long", deadline=None,
+                          max_examples=int(os.environ.get("TORCHGRAFT_HYPOTHESIS_EXAMPLES", 5000)),
                           suppress_health_check=[HealthCheck.too_slow])
 PROFILE = "auto-long" if os.environ.get("TORCHGRAFT_HYPOTHESIS") == "long" else "auto-ci"
 

@@ -258,14 +258,16 @@ def test_timm_features_only_resnet_from_plain_resnet():
         assert torch.equal(v, src.state_dict()[k]), k
 
 
-def test_timm_features_only_convnext_is_mapped_stage_by_stage_or_refused():
-    """Flattened stage names ('stages_2.') need one rule per stage: all of them, never one."""
+@pytest.mark.parametrize("wrap", ["", "backbone.", "module.backbone."])
+def test_timm_features_only_convnext_is_mapped_stage_by_stage_or_refused(wrap):
+    """Flattened stage names ('stages_2.') need one rule per stage: all of them, never one (the
+    issue's 'strip backbone.stages.2. add stages_2.' loaded 40%)."""
     timm = pytest.importorskip("timm")
     src = rm.timm_model("convnext_atto")
     model = timm.create_model("convnext_atto", features_only=True, pretrained=False)
     before = _snapshot(model)
     try:
-        report = tg.load(model, src.state_dict())
+        report = tg.load(model, {wrap + k: v for k, v in src.state_dict().items()})
     except (tg.AmbiguousRenameError, tg.NothingToLoadError):
         assert _unchanged(model, before)
         return
@@ -275,4 +277,4 @@ def test_timm_features_only_convnext_is_mapped_stage_by_stage_or_refused():
     for k, v in model.state_dict().items():
         assert torch.equal(v, flat[k]), k
     assert _rule_count(report) == report.counts["copied"]
-    assert "rename 'stages.{0..3}.' -> 'stages_{0..3}.'" in report.rules[0]
+    assert f"rename '{wrap}stages.{{0..3}}.' -> 'stages_{{0..3}}.'" in report.rules[0]

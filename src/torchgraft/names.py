@@ -198,8 +198,10 @@ def _regex_renamer(pairs: Sequence[tuple[str, str]]) -> Callable[[str], str]:
 # (``add``). It only moves checkpoint tensors that do not fit the model as named, and only onto
 # model names the checkpoint does not hold, so a tensor that already fits is never moved and no
 # two tensors ever end up on one name. A rule must explain most of the names under its prefix
-# (or fill most of the model's free names under its target), must not move a second copy of
-# weights already in place (``ema.``, ``teacher.``) elsewhere, and must be clearly better (twice
+# (or fill most of the model's free names under its target); translating one prefix into another
+# (``encoder.`` -> ``backbone.``) is tried only when nothing fits as named and must explain every
+# checkpoint tensor. A rule must not move a second copy of weights already in place (``ema.``,
+# ``teacher.``) elsewhere, and must be clearly better (twice
 # the matches) than every rule that would fill the same model tensors from other checkpoint
 # tensors (or put the same tensors elsewhere); otherwise the load is refused with
 # :class:`AmbiguousRenameError`, listing the ``prefix=``/``rename=`` that picks each candidate.
@@ -354,7 +356,12 @@ def _rule_kind(strip: str, add: str, model_prefixes: set[str]) -> str | None:
     if not (s and a):
         kind = "wrap"
     else:
-        kind = "flatten" if s.replace(".", "_") == a.replace(".", "_") else "translate"
+        # the same name with '.' for '_', maybe under a wrapper ('backbone.stages.2.')
+        flat = a.replace(".", "_")
+        parts = s.split(".")[:-1]
+        kind = "translate"
+        if any("".join(p + "_" for p in parts[i:]) == flat for i in range(len(parts))):
+            kind = "flatten"
     if (strip and add and strip in model_prefixes
             and not strip.startswith(add) and not add.startswith(strip)):
         return None

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.slow  # minutes of setup: CI runs it separately (bash scripts/test -m slow)
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_load.py"
 FORMATS = ("pth", "safetensors", "hf")

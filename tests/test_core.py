@@ -429,10 +429,16 @@ def test_partial_load_is_reported(tmp_path):
     with open(tmp_path / "m.safetensors", "r+b") as f:  # the file shrinks after planning
         f.truncate(lazy.ref("3.weight").offset + 16)
     model = fresh(big)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(tg.PartialLoadError) as err:
         tg.load(model, lazy, progress=False)
     assert "PARTIALLY" in str(err.value)
-    assert err.value.written and "5.weight" not in err.value.written
+    written = err.value.written
+    assert "0.weight" in written
+    # exact: every tensor not listed keeps its old value
+    for name, value in model.state_dict().items():
+        if name not in written:
+            assert torch.equal(value, before[name]), name
 
 
 def test_progress_bar_on_request_and_off_by_default(tmp_path, capsys):

@@ -425,6 +425,27 @@ def test_timm_filter_option(tx, tmp_path):
     with pytest.raises(tg.OptionError):
         tg.load(rm.timm_model("resnet18"), rm.timm_model("resnet18").state_dict(),
                 timm_filter=True)
+    # the general form: filter= a framework's name, or any function (model, state) -> state
+    again = rm.timm_model("vit_base_patch16_clip_224", img_size=32, patch_size=8, embed_dim=32,
+                          depth=2, num_heads=2, num_classes=16, seed=12)
+    report = tg.load(again, tmp_path / "clip.pt", filter="timm", strict=True)
+    assert _equal(again.state_dict(), ref.state_dict()) == []
+    assert any("checkpoint_filter_fn" in n for n in report.notes)
+
+
+def test_filter_function_and_bad_filter():
+    model = torch.nn.Linear(2, 2)
+    src = {"w": torch.ones(2, 2), "b": torch.zeros(2)}
+
+    def my_filter(model, state):
+        return {"weight": state["w"], "bias": state["b"]}
+
+    report = tg.load(model, src, filter=my_filter, strict=True)
+    assert torch.equal(model.weight, src["w"]) and report.options["filter"] == "my_filter"
+    with pytest.raises(tg.OptionError, match="no framework"):
+        tg.load(model, src, filter="detectron2")
+    with pytest.raises(tg.OptionError, match="must return a state dict"):
+        tg.load(model, src, filter=lambda m, s: None)
 
 
 def test_timm_compiled_both_directions(tx, tmp_path):
@@ -633,3 +654,35 @@ def test_lightning_ckpt_into_inner_module(tmp_path, save_hp, namespace):
     assert ("argparse.Namespace" in sd.placeholders) == namespace
     if namespace:
         assert root["hyper_parameters"]["hparams"].state == {"num_classes": 10, "lr": 0.1}
+
+
+def test_mm_low_load_warns_in_log_and_min_loaded_refuses(mmx, tmp_path):
+    from mmengine.logging import MMLogger
+
+    _, Parent = _tiny_modules()
+    full = Parent().state_dict()
+    tiny = {k: v for k, v in full.items() if k.endswith("bias")}
+    torch.save(tiny, tmp_path / "part.pth")
+    records: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = MMLogger.get_current_instance()
+    handler = Grab(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        model = Parent(init_cfg=dict(type="TorchgraftPretrained",
+                                     checkpoint=str(tmp_path / "part.pth")))
+        with pytest.warns(UserWarning, match="of the model's elements were loaded"):
+            model.init_weights()
+    finally:
+        logger.removeHandler(handler)
+    assert any("of the model's elements were loaded" in r for r in records)
+    strict = Parent(init_cfg=dict(type="TorchgraftPretrained",
+                                  checkpoint=str(tmp_path / "part.pth"), min_loaded=0.9))
+    before = _snapshot(strict)
+    with pytest.raises(tg.TooLittleLoadedError):
+        mmx.TorchgraftPretrained(str(tmp_path / "part.pth"), min_loaded=0.9)(strict)
+    assert all(torch.equal(v, before[k]) for k, v in strict.state_dict().items())

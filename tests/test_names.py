@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import torchgraft as tg
 from tests import realmodels as rm
-from torchgraft.names import map_names
+from torchgraft.names import count_matches, map_names
 
 WRAPPERS = ["module.", "_orig_mod.", "model.", "backbone.", "net.", "encoder.", "student."]
 
@@ -84,3 +84,51 @@ def test_regex_rename_is_mmengine_revise_keys(real_shapes):
     assert result.target["module.conv1.weight"] == "conv1.weight"
     with pytest.raises(tg.RenameError):
         map_names(src, real_shapes, rename=[("(", "x")])
+
+
+# --- invariants of auto on random name/shape tables (pure, fast) --------------------------------
+
+COMPONENTS = ["a", "b", "enc", "head", "0", "1", "module", "ema", "layer_1"]
+LEAVES = ["weight", "bias", "running_mean"]
+SHAPES = [(2,), (3,), (2, 2), (2, 3)]
+
+
+@st.composite
+def name_tables(draw) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    def names(min_size: int) -> dict[str, tuple[int, ...]]:
+        keys = draw(st.lists(
+            st.tuples(st.lists(st.sampled_from(COMPONENTS), max_size=3),
+                      st.sampled_from(LEAVES)).map(lambda t: ".".join([*t[0], t[1]])),
+            min_size=min_size, max_size=12, unique=True))
+        return {k: draw(st.sampled_from(SHAPES)) for k in keys}
+
+    model = names(1)
+    wrap = draw(st.sampled_from(["", "module.", "ema.", "a.", "b.enc."]))
+    keep = draw(st.lists(st.booleans(), min_size=len(model), max_size=len(model)))
+    src = {wrap + k: v for (k, v), kept in zip(model.items(), keep, strict=True) if kept}
+    src.update(names(0))
+    return src, model
+
+
+@settings(max_examples=300, deadline=None)
+@given(tables=name_tables())
+def test_auto_invariants_on_random_tables(tables):
+    """Never moves a tensor that fits; never renames onto a name the checkpoint holds; never maps
+    two tensors onto one name; the count it prints is what the plan copies by name."""
+    src, model = tables
+    try:
+        result = map_names(src, model)
+    except tg.AmbiguousRenameError as err:
+        assert "pass prefix=" in str(err) or "pass rename=" in str(err)
+        return
+    moved = {s: t for s, t in result.target.items() if s != t}
+    for s, t in moved.items():
+        assert model.get(s) != src[s], f"{s} fits but was moved to {t}"
+        assert t not in src, f"{s} renamed onto {t}, a name the checkpoint holds"
+        assert t in model and model[t] is not None
+    targets = list(result.target.values())
+    assert len(targets) == len(set(targets))
+    for rule in result.rules:
+        if rule.startswith("auto:"):
+            n = int(rule.split("(matches ")[1].split()[0])
+            assert n == count_matches(result.target, src, model)

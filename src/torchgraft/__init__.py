@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from .api import StateDict, load, plan, read
+from .api import LoadOptions, LowLoadWarning, StateDict, load, plan, read
 from .errors import (
     AmbiguousRenameError,
     CheckpointNotFoundError,
@@ -48,5 +48,10 @@ __all__ = [
     "IncompatibleKeysError", "NothingToLoadError", "PartialLoadError", "OptionError",
     "ResourceLimitError", "UnsupportedTensorError", "AmbiguousRenameError",
     "UnsupportedTargetError", "LoadHookError", "TooLittleLoadedError", "LIMITS", "Limits",
-    "limits_raised", "__version__",
+    "limits_raised", "LowLoadWarning", "LoadOptions", "__version__",
 ]
+
+from .errors import ChecksumError  # noqa: E402
+from .sources import ResolvedSource, provenance_of, resolve_source  # noqa: E402
+
+__all__ += ["ChecksumError", "ResolvedSource", "provenance_of", "resolve_source"]

@@ -14,20 +14,46 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
+import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .apply import apply_copies
-from .errors import SelectError
+from .errors import (
+    OptionError,
+    PartialLoadError,
+    SelectError,
+    UnsupportedTargetError,
+    UnsupportedTensorError,
+)
 from .formats import Checkpoint, open_checkpoint
+from .formats.unpickler import Placeholder
 from .names import NameMap, Rename, map_names
-from .plan import DEFAULT_MISMATCH, Slot, make_plan, model_slots, plan_error
+from .native_load import NativeGroup, apply_group, check_writable, find_native, has_meta, plan_group
+from .plan import (
+    _QUANTIZED,
+    DEFAULT_MISMATCH,
+    LOADED,
+    LOW_LOAD_WARNING,
+    MISMATCH_MODES,
+    Copy,
+    Slot,
+    low_load_cause,
+    make_plan,
+    model_slots,
+    plan_error,
+)
 from .progress import ProgressBar
-from .report import LoadReport
+from .report import Entry, LoadReport
+from .rules import model_rules, resolve_filter
 from .selection import Candidate, describe_container, find_candidates, rank, resolve
+from .sources import resolve_source
 from .tensors import MemoryRef, TensorRef
 
 Source = str | os.PathLike | Mapping
@@ -99,6 +125,7 @@ def read(source: Source, select: str | None = None, *, trust: bool = False) -> S
         >>> sd.selected, sd["w"].tolist()
         ('model', [1.0, 1.0])
     """
+    source = resolve_source(source)  # hf:// ids and URLs become local paths; others unchanged
     ckpt = open_checkpoint(source, trust=trust)
     cand, ranked = _choose(ckpt, select, None)
     return StateDict(cand.tensors, ckpt, cand.path, ranked)
@@ -137,14 +164,88 @@ def _fit(names: NameMap, refs: dict[str, TensorRef],
     return elems, count
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """Every option of :func:`plan` / :func:`load`, validated once (see :func:`load`)."""
+
+    select: str | None = None
+    prefix: str | None = None
+    rename: Rename = None
+    auto: bool = True
+    mismatch: str | None = DEFAULT_MISMATCH
+    strict: bool = False
+    trust: bool = False
+    timm_filter: bool = False
+    min_loaded: float | None = None
+    hooks: bool = True
+    filter: Any = None
+    adapt: Any = "auto"
+    labels: Any = None
+
+    def __post_init__(self) -> None:
+        lab = self.labels
+        if lab is not None and not (
+                (isinstance(lab, int) and not isinstance(lab, bool))
+                or (hasattr(lab, "__len__") and not isinstance(lab, (str, bytes)))):
+            raise OptionError(f"labels={lab!r}: expected a list of checkpoint class indices "
+                              "(one per model class) or an int offset")
+        a = self.adapt
+        if not (a in ("auto", True, False) or (isinstance(a, (list, tuple, set, frozenset))
+                                               and all(isinstance(n, str) for n in a))):
+            raise OptionError(f"adapt={a!r}: expected 'auto' (default), False, or a list of "
+                              "adapter names (torchgraft.transforms.registered_adapters())")
+        for name in ("auto", "strict", "trust", "timm_filter", "hooks"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise OptionError(f"{name}={value!r}: expected True or False, not a "
+                                  f"{type(value).__name__}")
+        for name in ("select", "prefix"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise OptionError(f"{name}={value!r}: expected a str or None, not a "
+                                  f"{type(value).__name__}")
+        if self.mismatch not in MISMATCH_MODES:
+            raise OptionError(f"mismatch={self.mismatch!r}: expected None (the framework's "
+                              "own rule, else error), 'error' or 'skip'")
+        m = self.min_loaded
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float))
+                              or not 0 <= m <= 1):
+            raise OptionError(f"min_loaded={m!r}: expected a fraction between 0 and 1 "
+                              "(e.g. 0.9), or None")
+
+    def describe(self) -> dict[str, Any]:
+        return {"select": self.select, "prefix": self.prefix, "rename": _describe(self.rename),
+                "auto": self.auto, "mismatch": self.mismatch, "strict": self.strict,
+                "trust": self.trust, "timm_filter": self.timm_filter,
+                "min_loaded": self.min_loaded, "hooks": self.hooks,
+                "filter": self.filter if self.filter is None or isinstance(self.filter, str)
+                else getattr(self.filter, "__name__", repr(self.filter)),
+                "adapt": sorted(self.adapt) if isinstance(self.adapt, (set, frozenset))
+                else self.adapt,
+                "labels": self.labels if self.labels is None or isinstance(self.labels, int)
+                else f"{len(self.labels)} class indices"}
+
+
+def _check_model(model: Any, source: Any) -> None:
+    if isinstance(model, torch.nn.Module):
+        return
+    if isinstance(source, torch.nn.Module):
+        raise OptionError("the arguments are swapped: call tg.load(model, source) / "
+                          "tg.plan(model, source), model first")
+    raise OptionError(f"model must be a torch.nn.Module, not a {type(model).__name__}")
+
+
 def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
-         mismatch: str = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
-         timm_filter: bool = False) -> LoadReport:
+         mismatch: str | None = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
+         timm_filter: bool = False, min_loaded: float | None = None,
+         hooks: bool = True, filter: Any = None, adapt: Any = "auto",
+         labels: Any = None) -> LoadReport:
     """Dry run: the report ``load`` would give, without touching the model.
 
     A plan that ``load`` would refuse is returned with ``ok=False`` and ``error`` set, instead of
-    raising; unreadable files still raise.
+    raising; unreadable files still raise. The model's own loading code (load hooks,
+    ``_load_from_state_dict`` overrides, extra state) runs on copies, never on the model.
 
     Example:
         >>> import torch, torchgraft as tg
@@ -152,76 +253,315 @@ def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
         >>> r.ok, [e.target for e in r.mismatched]
         (False, ['weight', 'bias'])
     """
+    _check_model(model, source)
+    opts = LoadOptions(select, prefix, rename, auto, mismatch, strict, trust, timm_filter,
+                       min_loaded, hooks, filter, adapt, labels)
     with gc_paused():
-        report, _, _ = _plan(model, source, select, prefix, rename, auto, mismatch, strict, trust,
-                             timm_filter)
-    return report
+        planned = _plan(model, source, opts)
+    return planned.report
 
 
-def _framework_rules(model: torch.nn.Module, auto: bool) -> tuple[dict[str, str], Any]:
-    """What the model's framework says about loading it: timm's replaceable classifier and
-    transformers' hub-name mapping. Only with ``auto=True``; frameworks are never imported here
-    unless the model comes from them."""
-    if not auto:
-        return {}, None
-    from .integrations.timm import classifier_names, skip_reason
-    from .integrations.transformers import hf_renamer
+def _adapter(model: torch.nn.Module, opts: LoadOptions, rules: Any) -> Any:
+    """The plan's ``adapt`` callback for these options (None: ``adapt=False``)."""
+    if opts.adapt is False:
+        return None
+    from .transforms import ClassifierRows, TransformRef, propose, role_of
 
-    classifiers = {p: skip_reason(p) for p in classifier_names(model)}
-    return classifiers, lambda: hf_renamer(model)  # built only when the names need it
+    wanted = None if opts.adapt in ("auto", True) else set(opts.adapt)
+    roles: dict[str, str] | None = None
+    extra = [ClassifierRows(opts.labels)] if opts.labels is not None else []
+
+    def enabled(adapter: Any) -> bool:
+        return adapter.default if wanted is None else adapter.name in wanted
+
+    def get_roles() -> dict[str, str]:
+        nonlocal roles
+        if roles is None:  # only when some tensor does not fit, or labels= is given
+            roles = (rules.roles() if rules.roles else {}) or _structural_roles(model)
+            if extra and "classifier" not in roles.values():
+                raise OptionError(
+                    "labels= needs the model's classifier, and this model's framework does not "
+                    "name one (timm: pretrained_cfg['classifier']); pass adapt=False and rename= "
+                    "instead, or a model that declares its classifier")
+        return roles
+
+    def adapt(name: str, ref: TensorRef, slot: Slot) -> TensorRef | None:
+        found = propose(name, role_of(name, get_roles()), ref.shape, slot.shape, enabled, extra)
+        if not found:
+            return None
+        if len({tuple(op.describe() for op in p.ops) for p in found}) > 1:
+            raise UnsupportedTargetError(
+                f"{name}: adapters {[p.adapter for p in found]} propose different transforms "
+                f"for checkpoint {list(ref.shape)} -> model {list(slot.shape)}; pass adapt=[name] "
+                "to choose one, or adapt=False")
+        return TransformRef(ref, found[0].ops, found[0].adapter)
+
+    adapt.forced = (lambda name: role_of(name, get_roles()) == "classifier") if extra else None
+    return adapt
 
 
-def _filtered(model: torch.nn.Module, cand: Candidate) -> Candidate:
-    from .integrations.timm import timm_filter
+def _structural_roles(model: torch.nn.Module) -> dict[str, str]:
+    """Roles from structure when the framework gives none: the first convolution is the input
+    layer."""
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            return {f"{path}.": "first_conv"}
+    return {}
 
+
+def _filtered(model: torch.nn.Module, cand: Candidate, fn: Any) -> Candidate:
     state = {n: r.materialize() for n, r in cand.tensors.items()}
-    out = timm_filter(model, state)
+    out = fn(model, state)
+    if not isinstance(out, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in out.items()):
+        raise OptionError("filter= must return a state dict (a mapping of str to tensors)")
     return Candidate(cand.path, {n: MemoryRef(t) for n, t in out.items()})
 
 
-def _plan(model, source, select, prefix, rename, auto, mismatch, strict, trust,
-          timm_filter=False):
-    ckpt = open_checkpoint(source, trust=trust)
+@dataclass
+class _Planned:
+    report: LoadReport
+    copies: list[Copy]
+    groups: list[NativeGroup]
+    error: Exception | None
+
+
+def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned:
+    source = resolve_source(source)  # hf:// ids and URLs become local paths; others unchanged
+    ckpt = open_checkpoint(source, trust=opts.trust)
     slots = model_slots(model)
     shapes = _shapes(slots)
-    classifiers, framework_rename = _framework_rules(model, auto)
+    rules = model_rules(model, opts.auto)
+    classifiers, framework_rename = rules.tolerated, rules.renamer
+    state_filter = resolve_filter("timm" if opts.timm_filter and opts.filter is None
+                                  else opts.filter, model)
     mapped: dict[str, NameMap] = {}
     converted: dict[str, Candidate] = {}
 
     def score(cand: Candidate) -> tuple[int, int]:
-        if timm_filter:
-            converted[cand.path] = cand = _filtered(model, cand)
+        if state_filter is not None:
+            converted[cand.path] = cand = _filtered(model, cand, state_filter)
         src_shapes = {n: r.shape for n, r in cand.tensors.items()}
-        mapped[cand.path] = map_names(src_shapes, shapes, prefix=prefix, rename=rename, auto=auto,
-                                      framework_rename=framework_rename)
+        mapped[cand.path] = map_names(src_shapes, shapes, prefix=opts.prefix, rename=opts.rename,
+                                      auto=opts.auto, framework_rename=framework_rename)
         return _fit(mapped[cand.path], cand.tensors, shapes)
 
-    cand, ranked = _choose(ckpt, select, score)
+    cand, ranked = _choose(ckpt, opts.select, score)
     names = mapped[cand.path]
-    if timm_filter:
+    if state_filter is not None:
         cand = converted[cand.path]
-        ckpt.notes.append("converted by the timm model family's checkpoint_filter_fn "
-                          "(timm_filter=True)")
-    p = make_plan(slots, cand.tensors, names, mismatch, classifiers)
+        how = opts.filter if isinstance(opts.filter, str) else "timm" if opts.timm_filter \
+            else getattr(opts.filter, "__name__", "a function")
+        ckpt.notes.append(f"converted by the filter {how!r}"
+                          + (" (the timm model family's checkpoint_filter_fn)"
+                             if how == "timm" else ""))
+    refs = cand.tensors
+    groups: list[NativeGroup] = []
+    if opts.hooks:
+        node = _node_at(source, ckpt.root, cand.path)
+        metadata = _mapped_metadata(getattr(node, "_metadata", None), names)
+        src_of = {t: s for s, t in names.target.items()}
+        odd = [n for n, sl in slots.items() if not sl.plain or not sl.shape]
+        groups = find_native(model, set(src_of), metadata,
+                             lambda n: refs[src_of[n]].shape if n in src_of else None, odd)
+    else:
+        check_writable(model)
+    tolerated: set[str] = set()
+    native_entries: list[Entry] = []
+    if groups:
+        slots, refs, names = _split_native(groups, slots, refs, names, node)
+
+        def tolerate(name: str) -> str | None:
+            if opts.mismatch == "skip":
+                return "shape mismatch"
+            head = next((p for p in classifiers if name.startswith(p)), None)
+            if opts.mismatch is None and head is not None:
+                tolerated.add(name)
+                return classifiers[head]
+            return None
+
+        for group in groups:
+            native_entries += plan_group(group, tolerate)
+    p = make_plan(slots, refs, names, opts.mismatch, classifiers, _adapter(model, opts, rules))
+    tolerated |= p.tolerated
+    entries = _merge(p.entries, native_entries, groups) if groups else p.entries
     report = LoadReport(
-        entries=p.entries, selected=cand.path, format=ckpt.format,
+        entries=entries, selected=cand.path, format=ckpt.format,
         source=str(ckpt.path) if ckpt.path else "<in-memory>",
         rules=list(names.rules), notes=list(ckpt.notes) + list(names.notes),
         alternatives=[{"path": c.path, "tensors": len(c.tensors), "ema": c.is_ema,
                        "matched": c.fit[1] if c.fit and c.fit[1] >= 0 else None}
                       for c in ranked if c is not cand],
-        placeholders=list(ckpt.placeholders), loaded_fraction=p.loaded_fraction,
-        options={"select": select, "prefix": prefix, "rename": _describe(rename), "auto": auto,
-                 "mismatch": str(mismatch), "strict": strict, "trust": trust,
-                 "timm_filter": timm_filter},
+        placeholders=list(ckpt.placeholders),
+        loaded_fraction=_loaded_fraction(model_slots(model) if groups else slots, entries)
+        if groups else p.loaded_fraction,
+        options=opts.describe(),
     )
+    for group in groups:
+        report.notes.append(f"{group.prefix[:-1] or 'the model'} ({type(group.module).__name__})"
+                            f" is loaded by its own loading code: {'; '.join(group.reasons)}")
     if any(a["ema"] for a in report.alternatives) and not cand.is_ema:
         report.notes.append("the file also holds an EMA copy of the weights; pass select= to "
                             "load it")
-    error = plan_error(report, len(cand.tensors), mismatch, strict, p.tolerated)
+    error = _kind_error(p.copies, report) or plan_error(
+        report, len(cand.tensors), opts.mismatch, opts.strict, tolerated, opts.min_loaded)
     if error is not None:
         report.ok, report.error = False, str(error)
-    return report, p, error
+    return _Planned(report, p.copies, groups, error)
+
+
+def _kind_error(copies: list[Copy], report: LoadReport) -> Exception | None:
+    """Tensor kinds (read from the file) that cannot go into a plain dense model tensor;
+    ``load_state_dict`` refuses them too. Plain targets only: other targets load natively."""
+    from .formats.tensor_kinds import ComputedRef
+
+    bad = []
+    for copy in copies:
+        ref = copy.ref
+        if not isinstance(ref, ComputedRef):
+            continue
+        target = copy.slots[0]
+        why = None
+        if not ref.has_values:
+            why = "has no values (a meta tensor)"
+        elif ref.dtype in _QUANTIZED:
+            why = "is quantized; dequantize it, or load into a quantized model"
+        elif "nested" in ref.kind:
+            why = "is a nested tensor"
+        if why:
+            bad.append(f"  {copy.source} ({ref.kind}) into {target.name} "
+                       f"({str(target.dtype).replace('torch.', '')} {list(target.shape)}): {why}")
+    if not bad:
+        return None
+    return UnsupportedTargetError(
+        f"{len(bad)} checkpoint tensor(s) cannot be loaded into plain model tensors (torch's "
+        "load_state_dict refuses them too):\n" + "\n".join(bad)
+        + "\nThe model was not changed. Pass rename=/prefix= to leave them out, or build the "
+        "model of the matching kind.", report)
+
+
+def _node_at(source: Source, root: Any, path: str) -> Any:
+    """The raw container at a candidate path (the user's own mapping for in-memory sources, so
+    its ``_metadata`` and extra state are seen)."""
+    node: Any = source if isinstance(source, Mapping) else root
+    for part in [p for p in path.split("/") if p]:
+        if isinstance(node, torch.nn.Module):
+            node = node.state_dict()
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part, node.get(int(part)) if part.lstrip("-").isdigit() else None)
+    if isinstance(node, torch.nn.Module):
+        node = node.state_dict()
+    return node
+
+
+def _mapped_metadata(metadata: Any, names: NameMap) -> Any:
+    """The file's per-module ``_metadata`` with module paths renamed like the tensors were."""
+    if not isinstance(metadata, Mapping):
+        return None
+    paths: dict[str, str] = {}
+    for src, tgt in names.target.items():
+        s_parent, _, s_leaf = src.rpartition(".")
+        t_parent, _, t_leaf = tgt.rpartition(".")
+        if s_leaf == t_leaf:
+            paths.setdefault(s_parent, t_parent)
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if isinstance(key, str) and isinstance(value, Mapping):
+            out[paths.get(key, key)] = dict(value)
+    return out
+
+
+def _split_native(groups: list[NativeGroup], slots: dict[str, Slot],
+                  refs: dict[str, TensorRef], names: NameMap, node: Any
+                  ) -> tuple[dict[str, Slot], dict[str, TensorRef], NameMap]:
+    """Hand the tensors under each native group's prefix to the group (materialised), and
+    return what the plain planner keeps."""
+    prefixes = tuple(g.prefix for g in groups)
+
+    def owner(name: str) -> NativeGroup | None:
+        if not name.startswith(prefixes):
+            return None
+        return next(g for g in groups if name.startswith(g.prefix))
+
+    kept_refs = dict(refs)
+    target = dict(names.target)
+    for src, tgt in names.target.items():
+        group = owner(tgt)
+        if group is None:
+            continue
+        group.state[tgt] = refs[src].materialize()
+        group.sources[tgt] = src
+        del kept_refs[src], target[src]
+    if isinstance(node, Mapping):  # non-tensor entries: extra state, packed params, dtypes
+        for key, value in node.items():
+            if isinstance(key, str) and key not in refs:
+                tgt = _value_target(key, names)
+                group = owner(tgt)
+                if group is not None:
+                    group.state[tgt] = _plain_value(value)
+                    group.sources[tgt] = key
+    for group in groups:
+        group.has_meta = has_meta(group.module)
+    rest = NameMap(target=target, dropped=names.dropped, why=names.why, rules=names.rules,
+                   notes=names.notes, auto_rule=names.auto_rule)
+    kept_slots = {n: s for n, s in slots.items() if owner(n) is None}
+    return kept_slots, kept_refs, rest
+
+
+def _value_target(key: str, names: NameMap) -> str:
+    """Map a non-tensor entry's name like the tensors of the same module were mapped."""
+    parent = key.rpartition(".")[0] + "." if "." in key else ""
+    leaf = key[len(parent):]
+    for src, tgt in names.target.items():
+        if src.startswith(parent) and "." not in src[len(parent):]:
+            return tgt[: len(tgt) - len(src) + len(parent)] + leaf
+    if names.auto_rule is not None:
+        s_pre, a_pre = names.auto_rule
+        if key.startswith(s_pre):
+            return a_pre + key[len(s_pre):]
+    from .names import strip_wrappers
+
+    return strip_wrappers(key)
+
+
+def _plain_value(value: Any) -> Any:
+    """A container value for ``set_extra_state``: tensors materialised, containers rebuilt."""
+    if isinstance(value, TensorRef):
+        return value.materialize()
+    if isinstance(value, Placeholder):
+        raise UnsupportedTensorError(
+            f"the checkpoint holds a {value.qualname} object where the model's own loading code "
+            "expects a value; torchgraft does not run the file's code to rebuild it. Pass "
+            "hooks=False to load the tensors without the model's loading code, or trust=True "
+            "if you trust the file")
+    if isinstance(value, dict):
+        return type(value)((k, _plain_value(v)) for k, v in value.items()) \
+            if type(value) in (dict, OrderedDict) else {k: _plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_value(v) for v in value)
+    return value
+
+
+def _merge(plain: list[Entry], native: list[Entry], groups: list[NativeGroup]) -> list[Entry]:
+    """Model tensors first (the plain ones, then each group's, in the model's order), then the
+    unused checkpoint tensors."""
+    model_part = [e for e in plain if e.target is not None] + \
+        [e for e in native if e.target is not None]
+    rest = [e for e in plain if e.target is None] + [e for e in native if e.target is None]
+    return model_part + rest
+
+
+def _loaded_fraction(slots: dict[str, Slot], entries: list[Entry]) -> float:
+    sizes: dict[int, int] = {}
+    for slot in slots.values():
+        sizes[slot.group] = math.prod(slot.shape)
+    total = sum(sizes.values())
+    if total == 0:
+        return 1.0 if not slots else 0.0
+    loaded = {slots[e.target].group for e in entries
+              if e.target in slots and e.action in LOADED}
+    return sum(sizes[g] for g in loaded) / total
 
 
 def _describe(rename: Rename) -> Any:
@@ -232,12 +572,23 @@ def _describe(rename: Rename) -> Any:
 
 def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
          prefix: str | None = None, rename: Rename = None, auto: bool = True,
-         mismatch: str = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
-         timm_filter: bool = False, progress: bool | None = None) -> LoadReport:
+         mismatch: str | None = DEFAULT_MISMATCH, strict: bool = False, trust: bool = False,
+         timm_filter: bool = False, min_loaded: float | None = None, hooks: bool = True,
+         filter: Any = None, adapt: Any = "auto", labels: Any = None,
+         progress: bool | None = None) -> LoadReport:
     """Load ``source`` into ``model`` all-or-nothing and return the report.
 
-    Everything that can fail before copying is checked first; on such an error the model is
-    untouched and the exception carries the report (``err.report``).
+    The model ends up exactly as ``model.load_state_dict(mapped, strict=False)`` would leave it
+    (its load hooks, ``_load_from_state_dict`` overrides, extra state and the file's version
+    metadata included; ``hooks=False`` copies tensors without running that code). Everything
+    that can fail is checked before the first write (hooks run on copies while planning); on
+    such an error the model is untouched and the exception carries the report (``err.report``).
+
+    ``mismatch``: None (default) lets the model's framework tolerate a replaceable classifier
+    that does not fit (timm) and refuses every other shape mismatch; ``"error"`` refuses all;
+    ``"skip"`` keeps the model's own values for all. ``min_loaded``: refuse (TooLittleLoadedError)
+    when less than this fraction of the model's elements would be loaded; without it a load
+    below 90% only warns (``tg.LowLoadWarning``).
 
     Example:
         >>> import torch, torchgraft as tg
@@ -247,19 +598,49 @@ def load(model: torch.nn.Module, source: Source, *, select: str | None = None,
         >>> r.ok, [e.target for e in r.mismatched]
         (True, ['1.weight', '1.bias'])
     """
+    _check_model(model, source)
+    opts = LoadOptions(select, prefix, rename, auto, mismatch, strict, trust, timm_filter,
+                       min_loaded, hooks, filter, adapt, labels)
+    if progress is not None and not isinstance(progress, bool):
+        raise OptionError(f"progress={progress!r}: expected True, False or None")
     with gc_paused():
-        report, p, error = _plan(model, source, select, prefix, rename, auto, mismatch, strict,
-                                 trust, timm_filter)
-        if error is not None:
-            raise error
+        planned = _plan(model, source, opts)
+        report = planned.report
+        if planned.error is not None:
+            raise planned.error
         bar = None
+        copies = planned.copies
         if ProgressBar.wanted(progress):
-            total = sum(c.ref.nbytes for c in p.copies)
+            total = sum(c.ref.nbytes for c in copies)
             bar = ProgressBar.maybe(total, progress, label=os.path.basename(report.source))
         try:
-            apply_copies(model, p.copies, progress=bar.update if bar else None)
+            written = apply_copies(model, copies, progress=bar.update if bar else None)
         finally:
             if bar:
                 bar.close()
+        _apply_native(planned.groups, written)
     report.applied = True
+    if report.loaded_fraction < LOW_LOAD_WARNING and min_loaded is None:
+        warnings.warn(LowLoadWarning(
+            f"torchgraft: only {report.loaded_fraction:.1%} of the model's elements were loaded "
+            f"from {report.source}; {low_load_cause(report)}. Pass min_loaded= to make this an "
+            "error."), stacklevel=2)
     return report
+
+
+class LowLoadWarning(UserWarning):
+    """``tg.load`` loaded less than half of the model (``min_loaded=`` makes it an error)."""
+
+
+def _apply_native(groups: list[NativeGroup], written: list[str]) -> None:
+    for i, group in enumerate(groups):
+        try:
+            apply_group(group)
+        except BaseException as err:
+            done = list(written) + [n for g in groups[:i] for n in g.state]
+            done += [n for n in group.state]  # conservatively: the failing group is touched
+            raise PartialLoadError(
+                f"the model's own loading code failed on the real model after succeeding on a "
+                f"copy ({type(err).__name__}: {err}). The model is PARTIALLY loaded: "
+                f"{len(done)} tensors may hold checkpoint values. Reload the model before "
+                "using it.", done) from err

@@ -157,7 +157,9 @@ def apply_copies(
 ) -> list[str]:
     """Write every planned copy into ``model``; returns the names written."""
     done: list[Copy] = []
+    touched: dict[int, Copy] = {}  # copies whose target may hold some new bytes already
     lock = threading.Lock()
+    stop = threading.Event()
 
     workers = threads if threads is not None else min(4, os.cpu_count() or 1)
     work = _Work(copies, workers)
@@ -174,11 +176,15 @@ def apply_copies(
             if work.fresh and id(copy) in work.fresh:
                 copy.ref.read_into(work.fresh[id(copy)])
             else:
+                touched[id(copy)] = copy
                 _copy_one(model, copy)
         with lock:
             finished(copy)
 
     def run_batch(batch: list[tuple[str, int, int, int, Copy]]) -> None:
+        if not work.fresh:
+            for item in batch:
+                touched[id(item[4])] = item[4]
         _copy_batch(batch)
         with lock:
             if work.fresh:
@@ -191,6 +197,8 @@ def apply_copies(
 
     try:
         if work.staged:
+            for copy in work.staged:
+                touched[id(copy)] = copy
             copy_staged([(c.ref, c.slots[0].tensor) for c in work.staged])
             for copy in work.staged:
                 finished(copy)
@@ -202,28 +210,44 @@ def apply_copies(
                 left[id(c)] += 1
 
             def run_task(task: tuple[Copy, int, int]) -> None:
+                if stop.is_set():  # an earlier task failed: start nothing new
+                    return
                 copy, start, n = task
                 if n == 0:
                     run(copy)
                     return
+                if not (work.fresh and id(copy) in work.fresh):
+                    touched[id(copy)] = copy
                 _read_chunk(copy, work.target(copy), start, n)
                 with lock:
                     left[id(copy)] -= 1
                     if left[id(copy)] == 0:
                         finished(copy)
 
+            def guarded(task: tuple[Copy, int, int]) -> None:
+                try:
+                    run_task(task)
+                except BaseException:
+                    stop.set()
+                    raise
+
             with ThreadPoolExecutor(workers) as pool:
-                results = pool.map(run_task, tasks)  # all submitted now
-                for batch in batches:  # small runs on this thread meanwhile (GIL-bound)
-                    run_batch(batch)
-                list(results)
+                results = pool.map(guarded, tasks)  # all submitted now
+                try:
+                    for batch in batches:  # small runs on this thread meanwhile (GIL-bound)
+                        run_batch(batch)
+                    list(results)
+                except BaseException:
+                    stop.set()
+                    raise
         else:
             for batch in batches:
                 run_batch(batch)
         for _, copy in work.other:
             run(copy)
     except BaseException as err:
-        written = [s.name for c in done for s in c.slots]
+        hit = {id(c) for c in done} | set(touched)
+        written = [s.name for c in copies if id(c) in hit for s in c.slots]
         if not written:
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise

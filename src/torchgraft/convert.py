@@ -295,27 +295,35 @@ def verify_file(dst: str | os.PathLike, result: ConvertResult) -> list[str]:
     return problems[:20]
 
 
+def _check_destination(dst: Path) -> None:
+    """Refuse, before any work, a destination that cannot become a plain file: a missing or
+    unwritable folder, or a folder / special file (even with ``force``)."""
+    parent = dst.parent
+    if not parent.is_dir():
+        raise ConvertError(f"{parent}: folder does not exist; create it first or choose "
+                           "another output path")
+    if dst.is_dir():
+        raise ConvertError(f"{dst} is a folder; give a file name inside it, e.g. "
+                           f"{dst / ('model' + dst.suffix if dst.suffix else 'model.safetensors')}")
+    if dst.exists() and not dst.is_file():
+        raise ConvertError(f"{dst} exists and is not a regular file (a FIFO or device?); "
+                           "choose another output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConvertError(f"{parent}: folder is not writable (permission denied); choose a "
+                           "folder you can write to")
+
+
 def _atomic_write(dst: Path, write: Callable[[BinaryIO], None], force: bool) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if force:
-            os.replace(tmp, dst)
-        else:
-            try:
-                os.link(tmp, dst)  # atomic create-if-absent
-            except FileExistsError:
-                raise ConvertError(f"{dst} appeared while converting; not overwritten") from None
-            except OSError:
-                if dst.exists():
-                    raise ConvertError(f"{dst} exists; pass --force to overwrite") from None
-                os.replace(tmp, dst)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    except OSError as err:
+        raise ConvertError(f"{dst.parent}: cannot create a file there ({err.strerror}); choose "
+                           "a folder you can write to") from None
+    try:
+        _write_and_place(fd, tmp, dst, write, force)
+    except OSError as err:  # disk full, the destination became a folder, ...
+        raise ConvertError(f"{dst}: writing failed ({err.strerror or err}); nothing was "
+                           "written there") from None
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -325,6 +333,28 @@ def _atomic_write(dst: Path, write: Callable[[BinaryIO], None], force: bool) -> 
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _write_and_place(fd: int, tmp: str, dst: Path, write: Callable[[BinaryIO], None],
+                     force: bool) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    with os.fdopen(fd, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    if force:
+        os.replace(tmp, dst)
+    else:
+        try:
+            os.link(tmp, dst)  # atomic create-if-absent
+        except FileExistsError:
+            raise ConvertError(f"{dst} appeared while converting; not overwritten") from None
+        except OSError:
+            if dst.exists():
+                raise ConvertError(f"{dst} exists; pass --force to overwrite") from None
+            os.replace(tmp, dst)
 
 
 class _Progress(ProgressBar):
@@ -357,8 +387,7 @@ def convert(src: Any, dst: str | os.PathLike, *, select: str | None = None,
         if dtype not in DTYPES:
             raise ConvertError(f"dtype {dtype!r}: expected one of bf16, fp16, fp32")
         dtype = DTYPES[dtype]
-    if not dst.parent.is_dir():
-        raise ConvertError(f"{dst.parent}: folder does not exist")
+    _check_destination(dst)
     if isinstance(src, (str, os.PathLike)) and Path(src).exists():
         if dst.exists() and os.path.samefile(src, dst):
             raise ConvertError(f"{dst} is the source file; choose another output name")

@@ -156,3 +156,14 @@ class TooLittleLoadedError(PlanError):
 
 __all__ += ["ResourceLimitError", "UnsupportedTensorError", "AmbiguousRenameError",
             "UnsupportedTargetError", "LoadHookError", "TooLittleLoadedError"]
+
+
+# --- sources: hf:// ids and URLs ---------------------------------------------------------------
+
+
+class ChecksumError(ReadError):
+    """A downloaded (or cached) file's SHA-256 is not the one pinned by ``sha256=``, a URL's
+    ``#sha256=`` fragment or the torch.hub file-name hash prefix; a bad download is deleted."""
+
+
+__all__ += ["ChecksumError"]

@@ -245,11 +245,38 @@ def group_tensors(refs: dict[str, TensorRef]) -> list[dict[str, Any]]:
     return out
 
 
-def tensor_stats(t: torch.Tensor, chunk: int = CHUNK) -> dict[str, Any]:
-    """min/max/mean/std over finite values, NaN/Inf counts and flags, in float64 chunks."""
+def _numeric_values(t: torch.Tensor) -> torch.Tensor | str:
+    """The values of any tensor kind as a flat tensor that converts to float64, or the reason
+    there are none (meta tensors, dtypes without arithmetic: float4 pairs, bits)."""
+    if t.is_meta:
+        return "n/a: a meta tensor has no values"
+    if t.is_nested:
+        t = t.values() if t.layout == torch.jagged else torch.cat(
+            [c.reshape(-1) for c in t.unbind()])
+    elif t.layout == torch.sparse_coo:
+        t = t._values()  # the stored values (implicit zeros not counted)
+    elif t.layout != torch.strided:
+        t = t.values()
+    if t.is_quantized:
+        t = t.dequantize()
     if t.is_complex():
-        t = torch.view_as_real(t)
-    flat = t.reshape(-1)
+        t = torch.view_as_real(t.to(torch.complex64) if t.dtype == torch.complex32 else t)
+    try:
+        t.reshape(-1)[:1].to(torch.float64)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return f"n/a: {dtype_name(t.dtype)} values have no arithmetic in torch"
+    return t.reshape(-1)
+
+
+def tensor_stats(t: torch.Tensor, chunk: int = CHUNK) -> dict[str, Any]:
+    """min/max/mean/std over finite values, NaN/Inf counts and flags, in float64 chunks.
+
+    Tensors without numeric values get ``None`` statistics and the reason in ``"na"``.
+    """
+    flat = _numeric_values(t)
+    if isinstance(flat, str):
+        return {"min": None, "max": None, "mean": None, "std": None, "nan": 0, "inf": 0,
+                "flags": [], "na": flat}
     nan = inf = count = 0
     mean = m2 = 0.0
     lo, hi = math.inf, -math.inf
@@ -329,8 +356,7 @@ def inspect_checkpoint(source: Any, *, stats: bool = False, trust: bool = False)
         "format": ckpt.format,
         "container": describe_container(ckpt.root, {c.path for c in cands}),
         "candidates": [{
-            "path": c.path, "tensors": len(c.tensors),
-            "parameters": sum(r.numel for r in c.tensors.values()),
+            "path": c.path, "tensors": len(c.tensors), **element_counts(ckpt.root, c),
             "bytes": sum(r.nbytes for r in c.tensors.values()),
             "dtypes": dict(Counter(dtype_name(r.dtype) for r in c.tensors.values())),
             "ema": c.is_ema, "selected": c.path == selected} for c in cands],
@@ -345,6 +371,21 @@ def inspect_checkpoint(source: Any, *, stats: bool = False, trust: bool = False)
         "notes": list(ckpt.notes),
         "stats": stats,
     }
+
+
+def element_counts(root: Any, cand: Any) -> dict[str, int | None]:
+    """Elements of a state dict, split into parameters and buffers when the file can tell (a
+    whole pickled module); otherwise ``parameters`` and ``buffers`` are None: a plain state
+    dict does not say which of its tensors are buffers (BatchNorm statistics...)."""
+    elements = sum(r.numel for r in cand.tensors.values())
+    node = root
+    for part in cand.path.split("/") if cand.path else []:
+        node = node.get(part) if isinstance(node, dict) else None
+    buffers = getattr(node, "buffers", None)
+    if not isinstance(buffers, set):
+        return {"elements": elements, "parameters": None, "buffers": None}
+    in_buffers = sum(r.numel for n, r in cand.tensors.items() if n in buffers)
+    return {"elements": elements, "parameters": elements - in_buffers, "buffers": in_buffers}
 
 
 def _size(path: Path | None) -> int | None:

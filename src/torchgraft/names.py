@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .errors import PrefixNotFoundError, RenameError
+from .errors import AmbiguousRenameError, PrefixNotFoundError, RenameError
 
 Shape = tuple[int, ...]
 Rename = Sequence[tuple[str, str]] | Mapping[str, str] | Callable[[str], "str | None"] | None
@@ -193,6 +193,72 @@ def _regex_renamer(pairs: Sequence[tuple[str, str]]) -> Callable[[str], str]:
 
 
 # --- auto: reconcile leading components ------------------------------------------------------
+#
+# A rule renames checkpoint names under one leading run of components (``strip``) to another
+# (``add``). It only moves checkpoint tensors that do not fit the model as named, and only onto
+# model names the checkpoint does not hold, so a tensor that already fits is never moved and no
+# two tensors ever end up on one name. A rule must explain most of the names under its prefix
+# (or fill most of the model's free names under its target), must not move a second copy of
+# weights already in place (``ema.``, ``teacher.``) elsewhere, and must be clearly better (twice
+# the matches) than every rule that would fill the same model tensors from other checkpoint
+# tensors (or put the same tensors elsewhere); otherwise the load is refused with
+# :class:`AmbiguousRenameError`, listing the ``prefix=``/``rename=`` that picks each candidate.
+# A tie between one plain copy and EMA copies goes to the plain copy (with a note), as in the
+# select stage. Several flatten rules (timm ``features_only``: ``stages.0.`` -> ``stages_0.``)
+# may apply together; every other kind applies alone.
+
+MAX_RULES = 16  # flatten rules (``stages.0.`` -> ``stages_0.``) applied together, at most
+_KINDS = ("wrap", "flatten", "translate")
+_EMA = re.compile(r"(^|[_\-.])ema($|[_\-.])", re.IGNORECASE)
+
+
+@dataclass
+class _Rule:
+    """One candidate: rename ``strip + rest`` to ``add + rest``.
+
+    ``moves`` maps every checkpoint name it renames to the new name; ``hits`` is the part of it
+    that lands on a model name with the same shape."""
+
+    strip: str
+    add: str
+    kind: str  # "wrap", "flatten" or "translate": see _rule_kind
+    moves: dict[str, str]
+    hits: dict[str, str]
+
+    @property
+    def score(self) -> int:
+        return len(self.hits)
+
+    @property
+    def is_ema(self) -> bool:
+        return bool(_EMA.search(self.strip))
+
+    def sort_key(self) -> tuple:
+        return (-self.score, self.is_ema, _KINDS.index(self.kind),
+                len(self.strip) + len(self.add), self.strip, self.add)
+
+    def describe(self) -> str:
+        if self.kind == "flatten":
+            return f"rename {self.strip!r} -> {self.add!r}"
+        parts = [f"strip {self.strip!r}"] if self.strip else []
+        if self.add:
+            parts.append(f"add {self.add!r}")
+        return " and ".join(parts)
+
+    def option(self) -> str:
+        """The explicit option that applies exactly this rule."""
+        if self.strip and not self.add:
+            return f"prefix={self.strip[:-1]!r}"
+        return f"rename=[(r'^{re.escape(self.strip)}', {self.add!r})]"
+
+    def conflicts(self, other: _Rule) -> bool:
+        """Whether the two rules disagree about a tensor: one checkpoint tensor sent to two
+        model names, or one model tensor filled from two checkpoint tensors."""
+        get = self.hits.get
+        if any(get(s, t) != t for s, t in other.hits.items()):
+            return True
+        owner = {t: s for s, t in self.hits.items()}
+        return any(owner.get(t, s) != s for s, t in other.hits.items())
 
 
 def _prefix_candidates(names: list[str]) -> list[str]:
@@ -209,55 +275,248 @@ def _prefix_candidates(names: list[str]) -> list[str]:
     return [""] + ranked[:MAX_CANDIDATES]
 
 
+def _component_prefixes(names: Mapping[str, Shape]) -> set[str]:
+    out: set[str] = set()
+    for name in names:
+        parts = name.split(".")
+        acc = ""
+        for part in parts[: min(MAX_DEPTH, len(parts) - 1)]:
+            acc += part + "."
+            out.add(acc)
+    return out
+
+
+def _canonical(strip: str, add: str) -> tuple[str, str]:
+    """The rule without the trailing components both sides share: ``('module.backbone.',
+    'backbone.')`` -> ``('module.', '')``, the general rule it is a part of."""
+    s, a = strip.split(".")[:-1], add.split(".")[:-1]
+    while s and a and s[-1] == a[-1]:
+        s, a = s[:-1], a[:-1]
+    return "".join(p + "." for p in s), "".join(p + "." for p in a)
+
+
+def _second_copy(strip: str, add: str, names: list[str], fixed: Mapping[str, Shape],
+                 cache: dict[tuple[str, str], bool]) -> bool:
+    """Whether the general form of the rule would put some checkpoint tensor onto a model name
+    a checkpoint tensor already fills: then its prefix holds a second copy of the weights
+    (``ema.``, ``teacher.``), not the missing ones."""
+    key = _canonical(strip, add)
+    if key not in cache:
+        cs, ca = key
+        k = len(cs)
+        cache[key] = any(n.startswith(cs) and ca + n[k:] in fixed and ca + n[k:] != n
+                         for n in names)
+    return cache[key]
+
+
+def _general_form_explains(strip: str, add: str, free: Mapping[str, tuple[str, Shape]],
+                           free_model: Mapping[str, Shape],
+                           cache: dict[tuple[str, str], bool]) -> bool:
+    """Whether the rule's general form lands most of the free names under its prefix on model
+    names, or fills most of the free model names under its target."""
+    key = _canonical(strip, add)
+    if key == (strip, add):
+        return True
+    if key not in cache:
+        cs, ca = key
+        k = len(cs)
+        rest = [cur[k:] for cur, _ in free.values() if cur.startswith(cs)]
+        named = sum(1 for r in rest if ca + r in free_model)
+        under = sum(1 for m in free_model if m.startswith(ca))
+        cache[key] = named * 2 > len(rest) or named * 2 > under
+    return cache[key]
+
+
+def _loaded_elsewhere(rest: Mapping[str, tuple[str, Shape]], fixed: Mapping[str, Shape],
+                      homes: list[str]) -> bool:
+    """Whether most of these tensors match, by name and shape, tensors that already fit under
+    one prefix of the model: they are a second copy of those (an EMA, a teacher), and no rule
+    may put them anywhere else."""
+    for home in homes:
+        same = sum(1 for r, (_, shp) in rest.items() if fixed.get(home + r) == shp)
+        if same * 2 > len(rest):
+            return True
+    return False
+
+
+def _rule_kind(strip: str, add: str, model_prefixes: set[str]) -> str | None:
+    """``"wrap"``, ``"flatten"``, ``"translate"``, or None for a rule auto must not try.
+
+    Without their common trailing components, ``"wrap"`` has one side empty (a wrapper such as
+    ``module.`` or ``backbone.`` taken off or put on), ``"flatten"`` has the same name with ``.``
+    for ``_`` on both sides (timm ``features_only``), ``"translate"`` has two different names
+    (``encoder.`` -> ``backbone.``: only when no tensor fits as named, and it must account for
+    every checkpoint tensor and for most of the model; renaming one module of a model that
+    otherwise fits into another, ``fc.`` -> ``classifier.``, is a guess). Moving a module the
+    model has onto a sibling of it (``conv1_BN.`` -> ``conv2_BN.``) is never tried.
+    """
+    s, a = _canonical(strip, add)
+    if not (s and a):
+        kind = "wrap"
+    else:
+        kind = "flatten" if s.replace(".", "_") == a.replace(".", "_") else "translate"
+    if (strip and add and strip in model_prefixes
+            and not strip.startswith(add) and not add.startswith(strip)):
+        return None
+    return kind
+
+
+def _candidates(free: dict[str, tuple[str, Shape]], free_model: dict[str, Shape],
+                names: list[str], fixed: dict[str, Shape], fitted: dict[str, Shape],
+                model_prefixes: set[str], n_model: int) -> list[_Rule]:
+    """Every admissible rule that makes at least one free checkpoint tensor fit the model.
+
+    ``free``: checkpoint tensors that do not fit the model as named (src -> (name, shape));
+    ``free_model``: model names no checkpoint tensor has; ``names``: every checkpoint name now;
+    ``fixed``: the names (and shapes) of the tensors that fit (never moved); ``fitted``: those
+    that fit before any rule; ``n_model``: the model's tensor count.
+    """
+    by_strip: dict[str, dict[str, tuple[str, Shape]]] = {}
+    for sp in _prefix_candidates([cur for cur, _ in free.values()]):
+        k = len(sp)
+        by_strip[sp] = {cur[k:]: (s, shp) for s, (cur, shp) in free.items() if cur.startswith(sp)}
+    by_add: dict[str, dict[str, Shape]] = {}
+    for ap in _prefix_candidates(list(free_model)):
+        k = len(ap)
+        by_add[ap] = {n[k:]: shp for n, shp in free_model.items() if n.startswith(ap)}
+    rules = []
+    copies: dict[tuple[str, str], bool] = {}
+    general: dict[tuple[str, str], bool] = {}
+    homes = _prefix_candidates(list(fitted))
+    for sp, rest in by_strip.items():
+        if _loaded_elsewhere(rest, fitted, homes):
+            continue
+        for ap, under in by_add.items():
+            if sp == ap:
+                continue
+            named = rest.keys() & under.keys()
+            hits = [r for r in named if rest[r][1] == under[r]]
+            # most of those with the model's shape: coincidences never justify renaming
+            if len(hits) * 2 <= len(named):
+                continue
+            kind = _rule_kind(sp, ap, model_prefixes)
+            if kind is None or (kind == "translate" and (
+                    fitted or len(named) < len(free) or len(named) * 2 <= n_model)) \
+                    or _second_copy(sp, ap, names, fixed, copies):
+                continue
+            # it must explain most of the names under its prefix, or fill most of the model's
+            # free names under its target with (strictly) mostly the right shapes
+            if len(named) * 2 <= len(rest) and len(named) * 2 <= len(under):
+                continue
+            # and so must its general form ('aux.' -> '' for 'aux.backbone.' -> 'backbone.'):
+            # a sub-tree that happens to fit is a coincidence
+            if not _general_form_explains(sp, ap, free, free_model, general):
+                continue
+            moves = {rest[r][0]: ap + r for r in named}
+            rules.append(_Rule(sp, ap, kind, moves, {rest[r][0]: ap + r for r in hits}))
+    return rules
+
+
+def _pick(cands: list[_Rule], out: NameMap) -> _Rule:
+    """The clearly best rule, or AmbiguousRenameError listing the ones that compete."""
+    cands.sort(key=_Rule.sort_key)
+    best = cands[0]
+    rivals: list[_Rule] = []
+    for r in cands[1:]:
+        if r.score * 2 <= best.score:
+            break
+        if r.conflicts(best) and all(r.conflicts(x) for x in rivals):
+            rivals.append(r)
+    if not rivals:
+        return best
+    group = [best] + rivals
+    plain = [r for r in group if not r.is_ema]
+    if len(plain) == 1 and plain[0] is best and all(r.score == best.score for r in rivals):
+        others = ", ".join(f"{r.strip!r} ({r.option()})" for r in rivals)
+        out.notes.append(f"the checkpoint also holds an EMA copy that fits as well, under "
+                         f"{others}; loaded the non-EMA copy ({best.describe()})")
+        return best
+    raise AmbiguousRenameError(_ambiguity_message(group))
+
+
+def _ambiguity_message(group: list[_Rule]) -> str:
+    lines = [f"  {r.describe()}: {r.score} tensors fit by name and shape -> pass {r.option()}"
+             for r in group]
+    tie = "equally well" if all(r.score == group[0].score for r in group) else "about as well"
+    return (f"auto=True found {len(group)} ways to rename the checkpoint that fit the model {tie} "
+            "(each fills the same model tensors from different checkpoint tensors, or puts the "
+            "same tensors in different places); torchgraft does not guess. The model was not "
+            "changed.\n" + "\n".join(lines)
+            + "\nPass the option of the one you mean (or auto=False to load the names as they "
+            "are).")
+
+
+def count_matches(names: Mapping[str, str], src: Mapping[str, Shape],
+                  model: Mapping[str, Shape]) -> int:
+    """Checkpoint tensors the plan copies by name and shape: for each model name, the first
+    checkpoint tensor mapped to it, if its shape is the model's."""
+    seen: set[str] = set()
+    n = 0
+    for s, cur in names.items():
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if model.get(cur) == src[s]:
+            n += 1
+    return n
+
+
+def _describe_all(rules: list[_Rule]) -> str:
+    """``rename 'stages.{0..3}.' -> 'stages_{0..3}.'`` for flatten rules that differ only in one
+    index; every other rule as it is."""
+    groups: dict[tuple[str, str], list[_Rule]] = {}
+    for r in rules:
+        key = (re.sub(r"\d+", "#", r.strip), re.sub(r"\d+", "#", r.add))
+        groups.setdefault(key, []).append(r)
+    parts = []
+    for (s_pat, a_pat), members in groups.items():
+        nums = [re.findall(r"\d+", r.strip) for r in members]
+        if (len(members) > 1 and s_pat.count("#") == 1 and a_pat.count("#") == 1
+                and all(re.findall(r"\d+", r.add) == n for r, n in zip(members, nums))):
+            vals = sorted(int(n[0]) for n in nums)
+            span = (f"{{{vals[0]}..{vals[-1]}}}" if vals == list(range(vals[0], vals[-1] + 1))
+                    else "{" + ",".join(map(str, vals)) + "}")
+            parts.append(f"rename {s_pat.replace('#', span)!r} -> {a_pat.replace('#', span)!r}")
+        else:
+            parts += [r.describe() for r in sorted(members, key=lambda r: r.strip)]
+    return "; ".join(parts)
+
+
 def _apply_auto(names: dict[str, str], src: Mapping[str, Shape],
                 model: Mapping[str, Shape], out: NameMap) -> dict[str, str]:
-    current = {(cur, src[s]) for s, cur in names.items()}
-    model_set = {(n, shp) for n, shp in model.items()}
-    base = len(current & model_set)
-    if base == min(len(current), len(model_set)):
+    held = set(names.values())
+    free = {s: (cur, src[s]) for s, cur in names.items() if model.get(cur) != src[s]}
+    free_model = {n: shp for n, shp in model.items() if n not in held}
+    if not free or not free_model:
         return names
-    strip_sets = {}
-    for s_pre in _prefix_candidates(list(names.values())):
-        k = len(s_pre)
-        taken = {(n, shp) for n, shp in current if n.startswith(s_pre)}
-        strip_sets[s_pre] = (taken, {(n[k:], shp) for n, shp in taken})
-    add_sets = {}
-    for a_pre in _prefix_candidates(list(model)):
-        k = len(a_pre)
-        add_sets[a_pre] = {(n[k:], shp) for n, shp in model_set if n.startswith(a_pre)}
-    options = []
-    for s_pre, (taken, rest) in strip_sets.items():
-        unchanged = base - len(taken & model_set)
-        for a_pre, under in add_sets.items():
-            if s_pre or a_pre:
-                hits = len(rest & under)
-                # a rule must be right for most of the names it renames: a handful of
-                # coincidental shape matches never justifies renaming (a silent wrong load)
-                if hits * 2 < len(taken):
-                    continue
-                options.append((-(hits + unchanged), len(s_pre) + len(a_pre), s_pre, a_pre))
-    if not options:
-        return names
-    neg_score, _, s_pre, a_pre = min(options)
-    score = -neg_score
-    if score <= base:
-        return names
-    out.auto_rule = (s_pre, a_pre)
-    parts = []
-    if s_pre:
-        parts.append(f"strip {s_pre!r}")
-    if a_pre:
-        parts.append(f"add {a_pre!r}")
-    desc = "auto: " + " and ".join(parts)
-    out.rules.append(f"{desc} (matches {score} tensors by name and shape instead of {base})")
-    result = {}
-    k = len(s_pre)
-    for s, cur in names.items():
-        if cur.startswith(s_pre):
-            new = a_pre + cur[k:]
-            if new != cur:
-                _note(out, s, desc)
+    model_prefixes = _component_prefixes(model)
+    fixed = {cur: model[cur] for s, cur in names.items() if s not in free}
+    fitted = dict(fixed)
+    result = dict(names)
+    chosen: list[_Rule] = []
+    while len(chosen) < MAX_RULES:
+        cands = _candidates(free, free_model, list(result.values()), fixed, fitted,
+                            model_prefixes, len(model))
+        if chosen:  # after a flatten rule, only its siblings ('stages.1.' after 'stages.0.')
+            cands = [r for r in cands if r.kind == "flatten"]
+        if not cands:
+            break
+        rule = _pick(cands, out)
+        desc = "auto: " + rule.describe()
+        for s, new in rule.moves.items():
+            if model[new] == src[s]:
+                fixed[new] = model[new]
+            free_model.pop(new)
+            free.pop(s)
             result[s] = new
-        else:
-            result[s] = cur
+            _note(out, s, desc)
+        chosen.append(rule)
+        if rule.kind != "flatten" or not free or not free_model:
+            break
+    if not chosen:
+        return names
+    out.auto_rule = (chosen[0].strip, chosen[0].add)
+    base, after = count_matches(names, src, model), count_matches(result, src, model)
+    out.rules.append("auto: " + _describe_all(chosen)
+                     + f" (matches {after} tensors by name and shape instead of {base})")
     return result

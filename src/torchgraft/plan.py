@@ -17,24 +17,31 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import IncompatibleKeysError, NothingToLoadError, OptionError, ShapeMismatchError
+from .errors import (
+    IncompatibleKeysError,
+    NothingToLoadError,
+    OptionError,
+    ShapeMismatchError,
+    TooLittleLoadedError,
+)
 from .names import NameMap
 from .report import Entry, LoadReport, group_names
 from .tensors import TensorRef
 
-MISMATCH_MODES = ("error", "skip")
+MISMATCH_MODES = (None, "error", "skip")
 
+#: ``mismatch=None`` (the default): the model framework's own rule decides (timm's replaceable
+#: classifier is skipped when it does not fit), every other shape mismatch is an error.
+#: ``"error"`` refuses every mismatch, ``"skip"`` keeps the model's own values for all of them.
+DEFAULT_MISMATCH = None
 
-class _DefaultMismatch(str):
-    """The default ``mismatch="error"``: equal to "error", but lets framework rules (timm's
-    replaceable classifier) apply. Passing ``mismatch="error"`` explicitly turns them off."""
-
-
-DEFAULT_MISMATCH = _DefaultMismatch("error")
+#: Below this loaded fraction ``tg.load`` warns (``min_loaded=`` turns it into an error).
+LOW_LOAD_WARNING = 0.9
 
 
 @dataclass(slots=True)
@@ -46,6 +53,7 @@ class Slot:
     group: int  # equal for names that share one tensor (tied weights)
     shape: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32
+    plain: bool = True  # a dense strided torch.Tensor / Parameter that bytes can be copied into
 
 
 @dataclass(slots=True)
@@ -70,16 +78,27 @@ def model_slots(model: torch.nn.Module) -> dict[str, Slot]:
     slots: dict[str, Slot] = {}
     groups: dict[int, int] = {}
     shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one shared tuple per distinct shape
-    tensor = torch.Tensor
+    tensor, param, strided = torch.Tensor, torch.nn.Parameter, torch.strided
+    is_lazy = torch.nn.parameter.is_lazy
     for name, value in model.state_dict(keep_vars=True).items():
-        if isinstance(value, tensor):
-            key = id(value)
-            gid = groups.get(key)
-            if gid is None:
-                gid = groups[key] = len(groups)
-            shape = tuple(value.shape)
-            slots[name] = Slot(name, value, gid, shapes.setdefault(shape, shape), value.dtype)
+        kind = type(value)
+        if kind is param or kind is tensor:
+            plain = value.layout is strided and value.dtype not in _QUANTIZED
+        elif isinstance(value, tensor) and not is_lazy(value):
+            plain = False
+        else:
+            continue
+        key = id(value)
+        gid = groups.get(key)
+        if gid is None:
+            gid = groups[key] = len(groups)
+        shape = tuple(value.shape)
+        slots[name] = Slot(name, value, gid, shapes.setdefault(shape, shape), value.dtype,
+                           plain and not value.is_nested)
     return slots
+
+
+_QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
@@ -93,9 +112,14 @@ def _dtype(d: torch.dtype) -> str:
 
 
 def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap,
-              mismatch: str = "error",
-              classifiers: dict[str, str] | None = None) -> Plan:
+              mismatch: str | None = "error",
+              classifiers: dict[str, str] | None = None,
+              adapt: Callable[[str, TensorRef, Slot], TensorRef | None] | None = None) -> Plan:
     """Decide, for every model slot and checkpoint tensor, what the load does.
+
+    ``adapt(name, ref, slot)`` may turn a checkpoint tensor of the wrong shape into a computed
+    one of the right shape (a :class:`~torchgraft.transforms.TransformRef`): it is then
+    ``adapted`` instead of a shape mismatch.
 
     ``classifiers`` maps name prefixes of replaceable heads (timm's
     ``pretrained_cfg['classifier']``) to the reason given when they do not fit: such shape
@@ -121,6 +145,7 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
                 group_source[slot.group] = name
     # pass 2: one entry per model tensor, in the model's order
     copies: dict[int, Copy] = {}
+    forced = getattr(adapt, "forced", None)  # names adapted even when the shape fits
     used: set[str] = set()
     why_of = names.why
     entries = plan.entries
@@ -145,9 +170,20 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
         used.add(src)
         why_list = why_of.get(src) if why_of else None
         why = "; ".join(why_list) if why_list else ""
+        if adapt is not None and (ref.shape != tshape or (
+                forced is not None and forced(name))):
+            computed = adapt(name, ref, slot)
+            if computed is not None:
+                how = getattr(computed, "describe", lambda: "")()
+                who = getattr(computed, "adapter", "") or "adapter"
+                entries.append(Entry(name, src, "adapted", ref.shape, tshape,
+                                     _dtype(ref.dtype), _dtype(tdtype),
+                                     _join(f"{who}: {how}", why)))
+                _add_copy(copies, slot, computed, src)
+                continue
         if ref.shape != tshape:
             head = None
-            if classifiers and mismatch is DEFAULT_MISMATCH:
+            if classifiers and mismatch is None:
                 head = next((p for p in classifiers if name.startswith(p)), None)
             reason = _join("shape mismatch", why) if head is None else classifiers[head]
             if head is not None:
@@ -163,14 +199,7 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
             sname, tname = _dtype(rdtype), _dtype(tdtype)
             action, reason = "cast", _join(f"{sname} -> {tname}", why)
         entries.append(Entry(name, src, action, ref.shape, tshape, sname, tname, reason))
-        copy = copies.get(slot.group)
-        if copy is None:
-            copies[slot.group] = Copy(ref, [slot], src)
-        elif not copy.source:  # a tied alias was seen first: this is the carrier
-            copy.ref, copy.source = ref, src
-            copy.slots.insert(0, slot)
-        else:
-            copy.slots.append(slot)  # tied names both in the file: written once
+        _add_copy(copies, slot, ref, src)
     for src, ref in refs.items():
         if src in used:
             continue
@@ -188,6 +217,17 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
     return plan
 
 
+def _add_copy(copies: dict[int, Copy], slot: Slot, ref: TensorRef, src: str) -> None:
+    copy = copies.get(slot.group)
+    if copy is None:
+        copies[slot.group] = Copy(ref, [slot], src)
+    elif not copy.source:  # a tied alias was seen first: this is the carrier
+        copy.ref, copy.source = ref, src
+        copy.slots.insert(0, slot)
+    else:
+        copy.slots.append(slot)  # tied names both in the file: written once
+
+
 def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if b else a
 
@@ -202,19 +242,21 @@ def _loaded_fraction(slots: dict[str, Slot], copies: dict[int, Copy]) -> float:
     return sum(sizes[g] for g in copies) / total
 
 
-def plan_error(report: LoadReport, n_source: int, mismatch: str, strict: bool,
-               tolerated: set[str] = frozenset()) -> Exception | None:
+def plan_error(report: LoadReport, n_source: int, mismatch: str | None, strict: bool,
+               tolerated: set[str] = frozenset(),
+               min_loaded: float | None = None) -> Exception | None:
     """Build (not raise) the error for a plan that cannot be loaded with these options."""
     mism = [e for e in report.mismatched if e.target not in tolerated]
-    if mism and mismatch == "error":
-        lines = [f"  {e.target}: checkpoint {list(e.source_shape)} vs model "
-                 f"{list(e.target_shape)}" for e in mism[:20]]
-        more = f"\n  ... and {len(mism) - 20} more" if len(mism) > 20 else ""
+    if mism and mismatch != "skip":
+        lines = [f"  {e.target}: checkpoint {list(e.source_shape or ())} vs model "
+                 f"{list(e.target_shape or ())}" + (f" ({e.reason})" if e.reason and
+                                                    e.reason != "shape mismatch" else "")
+                 for e in mism]
         return ShapeMismatchError(
-            f"{len(mism)} tensor(s) match by name but not by shape:\n" + "\n".join(lines) + more
+            f"{len(mism)} tensor(s) match by name but not by shape:\n" + "\n".join(lines)
             + "\nThe model was not changed. Pass mismatch=\"skip\" to keep the model's own values "
             "for these and load the rest.", report)
-    loaded = report.counts["copied"] + report.counts["cast"]
+    loaded = sum(1 for e in report.entries if e.target is not None and e.action in LOADED)
     if n_source and loaded == 0:
         return NothingToLoadError(_nothing_message(report), report)
     if strict and (report.missing_keys or report.unexpected_keys):
@@ -229,7 +271,59 @@ def plan_error(report: LoadReport, n_source: int, mismatch: str, strict: bool,
             "strict=True and the names differ:\n  " + "\n  ".join(parts)
             + "\nThe model was not changed. Pass strict=False to load what matches, or "
             "rename=/prefix= to fix the names.", report)
+    if min_loaded is not None and report.loaded_fraction < min_loaded:
+        return TooLittleLoadedError(
+            f"only {report.loaded_fraction:.1%} of the model's elements would be loaded, below "
+            f"min_loaded={min_loaded}. The model was not changed.\n  {low_load_cause(report)}",
+            report)
     return None
+
+
+LOADED = ("copied", "cast", "adapted")
+
+
+def low_load_cause(report: LoadReport) -> str:
+    """The likeliest reason a load covers little of the model, as one line with the fix."""
+    import re
+    from pathlib import Path
+
+    src = Path(report.source) if report.source and report.source != "<in-memory>" else None
+    if src is not None and src.is_file():
+        shard = re.search(r"-\d{5}-of-\d{5}\.", src.name)
+        index = [p.name for p in src.parent.glob("*.index.json")] if src.parent.is_dir() else []
+        if shard or index:
+            beside = f" ({index[0]} is beside it)" if index else ""
+            return (f"the file is one shard of a sharded checkpoint{beside}: pass the folder "
+                    f"{str(src.parent)!r} instead")
+    missing = report.missing_keys
+    loaded = [e.target for e in report.entries if e.target and e.action in LOADED]
+    mism = report.mismatched
+    unexpected = report.unexpected_keys
+    from .report import fold_indices
+
+    deeper = []
+    loaded_set = set(loaded)
+    by_pattern = {p: m for p, m in fold_indices(loaded + missing)}
+    for pattern, members in by_pattern.items():
+        got = [m for m in members if m in loaded_set]
+        if len(got) >= 2 and len(got) < len(members) and "{" in pattern:
+            deeper.append(pattern)
+    if deeper:
+        return ("the checkpoint is of a model with fewer layers (depth differs): e.g. "
+                f"{deeper[0]} is only partly in the file; load a checkpoint of this model size")
+    if mism and len(mism) * 4 >= len(loaded) + len(mism):
+        e = mism[0]
+        return (f"{len(mism)} tensors differ in shape (width differs, e.g. {e.target}: checkpoint "
+                f"{list(e.source_shape or ())} vs model {list(e.target_shape or ())}); load a "
+                "checkpoint of this model size")
+    if unexpected and len(unexpected) >= len(loaded):
+        return (f"{len(unexpected)} checkpoint tensors are not used: the model is a sub-model of "
+                "the checkpoint's (features_only / a backbone?), which is fine if intended")
+    if missing:
+        tops = sorted({m.split(".", 1)[0] for m in missing})[:5]
+        return (f"the checkpoint covers only part of the model ({len(missing)} tensors missing, "
+                f"under {tops}); it may be a backbone-only file or a sub-model's")
+    return "most model tensors do not match the checkpoint by name and shape"
 
 
 def _nothing_message(report: LoadReport) -> str:

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ACTIONS = ("copied", "cast", "skipped", "missing", "unexpected")
+ACTIONS = ("copied", "cast", "adapted", "skipped", "missing", "unexpected")
 
 
 @dataclass(slots=True)
@@ -79,7 +79,7 @@ class LoadReport:
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(ACTIONS, 0)
         for e in self.entries:
-            out[e.action] += 1
+            out[e.action] = out.get(e.action, 0) + 1
         return out
 
     def __iter__(self):  # ``missing, unexpected = report`` works as with torch
@@ -174,6 +174,10 @@ def group_names(names: list[str]) -> list[str]:
 
 MAX_GROUP_LINES = 6
 
+#: Below this fraction of the model's elements a load is called partial: ``tg.load`` warns and
+#: ``torchgraft diff`` prints a warning line (``min_loaded=`` / ``--min-loaded`` make it an error).
+LOW_LOAD_WARNING = 0.9
+
 
 def _shape(s: tuple[int, ...] | None) -> str:
     return "-" if s is None else "[" + ", ".join(map(str, s)) + "]"
@@ -213,7 +217,7 @@ def format_report(r: LoadReport) -> str:
     """The summary ``str(report)`` prints: counts first, then every non-copied group."""
     c = r.counts
     n_model = sum(1 for e in r.entries if e.target is not None)
-    loaded = c["copied"] + c["cast"]
+    loaded = c["copied"] + c["cast"] + c["adapted"]
     verb = "loaded" if r.applied else "would load"
     where = f" from {r.source}" if r.source else ""
     fmt = f" [{r.format}]" if r.format else ""
@@ -221,7 +225,9 @@ def format_report(r: LoadReport) -> str:
     lines = [
         f"torchgraft: {verb} {_pct(r.loaded_fraction)} of model elements "
         f"({loaded}/{n_model} tensors){where}{fmt}{sel}",
-        f"  copied {c['copied']} · cast {c['cast']} · skipped {c['skipped']} · "
+        f"  copied {c['copied']} · cast {c['cast']} · "
+        + (f"adapted {c['adapted']} · " if c["adapted"] else "")
+        + f"skipped {c['skipped']} · "
         f"missing {c['missing']} · unexpected {c['unexpected']}",
     ]
     for rule in r.rules:
@@ -237,6 +243,14 @@ def format_report(r: LoadReport) -> str:
     if casts:
         kinds = OrderedDict.fromkeys(e.reason for e in casts)
         lines.append(f"  cast ({len(casts)}): " + "; ".join(kinds))
+    adapted = r.by_action("adapted")
+    if adapted:
+        lines.append(f"  adapted ({len(adapted)}):")
+        for e in adapted[:MAX_GROUP_LINES]:
+            lines.append(f"    {e.target}: {_shape(e.source_shape)} -> {_shape(e.target_shape)}"
+                         f"  ({e.reason})")
+        if len(adapted) > MAX_GROUP_LINES:
+            lines.append(f"    ... and {len(adapted) - MAX_GROUP_LINES} more")
     mism = r.mismatched
     _section("skipped, shape mismatch", mism, lines, detail=True)
     other_skips = [e for e in r.by_action("skipped") if e not in mism]
@@ -248,12 +262,40 @@ def format_report(r: LoadReport) -> str:
         verb = "it was" if len(r.placeholders) == 1 else "they were"
         lines.append(f"  not executed: the file references {names}; {verb} not run")
     if r.error:
-        lines.append(f"  FAILED: {r.error.splitlines()[0]}")
+        lines.append(f"  FAILED: {error_summary(r.error)}")
     return "\n".join(lines)
 
 
-def _pct(frac: float) -> str:
-    """``100%`` only when everything loaded; otherwise never rounds up to it."""
+def error_summary(error: str, limit: int = 3) -> str:
+    """An error message on one line: its first line and, when that ends in a colon (a list
+    follows), the first ``limit`` items of the list, so the line never ends in ``:``."""
+    raw = [ln for ln in str(error).splitlines() if ln.strip()]
+    if not raw:
+        return "the load would fail"
+    head = raw[0].strip()
+    if not head.endswith(":"):
+        return head
+    items = []
+    for ln in raw[1:]:
+        if not ln[:1].isspace():
+            break
+        items.append(ln.strip())
+    if not items:
+        return head[:-1]
+    more = len(items) - limit
+    return f"{head} {'; '.join(items[:limit])}" + (f"; ... ({more} more)" if more > 0 else "")
+
+
+def fmt_fraction(frac: float) -> str:
+    """``100%`` only when everything loaded, ``0%`` only when nothing did: never rounds up to
+    100 nor down to 0 (``<0.01%``)."""
     if frac >= 1.0:
         return "100%"
+    if frac <= 0.0:
+        return "0%"
+    if frac < 0.0001:
+        return "<0.01%"
     return f"{min(frac * 100, 99.99):.2f}%"
+
+
+_pct = fmt_fraction

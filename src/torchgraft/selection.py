@@ -100,14 +100,14 @@ def resolve(root: Any, select: str) -> Candidate:
     node = root
     parts = [p for p in select.strip("/").split("/") if p] if select else []
     for i, part in enumerate(parts):
-        if not isinstance(node, dict) or part not in node:
+        found, node_next = _step(node, part)
+        if not found:
             here = "/".join(parts[:i]) or "the top level"
-            keys = list(node)[:12] if isinstance(node, dict) else []
             raise SelectError(
-                f"select={select!r}: {here} has no key {part!r}; it has {keys}. "
+                f"select={select!r}: {here} {_has_no(node, part)}. "
                 f"State dicts found: {[c.path or '<top>' for c in find_candidates(root)]}"
             )
-        node = node[part]
+        node = node_next
     if not isinstance(node, dict):
         raise SelectError(f"select={select!r} is a {type(node).__name__}, not a state dict")
     tensors = {k: v for k, v in node.items() if isinstance(k, str) and isinstance(v, TensorRef)}
@@ -117,6 +117,41 @@ def resolve(root: Any, select: str) -> Candidate:
             f"{[c.path or '<top>' for c in find_candidates(root)]}"
         )
     return Candidate("/".join(parts), tensors)
+
+
+def _step(node: Any, part: str) -> tuple[bool, Any]:
+    """One ``/``-component of a select path: a string key, else an integer key (optimizer
+    ``state/0``) or a list index (Lightning ``optimizer_states/0``)."""
+    if isinstance(node, dict):
+        if part in node:
+            return True, node[part]
+        key = _as_int(part)
+        if key is not None and key in node:
+            return True, node[key]
+    elif isinstance(node, (list, tuple)):
+        index = _as_int(part)
+        if index is not None and -len(node) <= index < len(node):
+            return True, node[index]
+    return False, None
+
+
+def _as_int(part: str) -> int | None:
+    try:
+        return int(part)
+    except ValueError:
+        return None
+
+
+def _has_no(node: Any, part: str) -> str:
+    """What the node lacks, with its keys shown as they are (``[0, 1]`` vs ``['0', '1']``)."""
+    if isinstance(node, dict):
+        keys = list(node)[:12]
+        more = f" ... ({len(node)} keys)" if len(node) > 12 else ""
+        return f"has no key {part!r}; its keys are {keys!r}{more}"
+    if isinstance(node, (list, tuple)):
+        return (f"is a {type(node).__name__} of {len(node)} items; {part!r} is not an index "
+                f"of it (0..{len(node) - 1})" if node else f"is an empty {type(node).__name__}")
+    return f"is a {type(node).__name__}, not a container; it has no {part!r}"
 
 
 def rank(cands: list[Candidate],
@@ -135,4 +170,11 @@ def describe_container(root: Any) -> str:
     """One line on what the container holds, for errors."""
     if isinstance(root, dict):
         return "a mapping with keys " + ", ".join(repr(k) for k in list(root)[:10])
+    hint = ("; torchgraft loads state dicts (names -> tensors): save {'name': tensor, ...} "
+            "instead, or read the file with torch.load")
+    if isinstance(root, TensorRef):
+        dt = str(root.dtype).replace("torch.", "")
+        return f"a single tensor (shape {list(root.shape)}, {dt}), not a state dict{hint}"
+    if isinstance(root, (list, tuple)) and root and all(isinstance(v, TensorRef) for v in root):
+        return f"a {type(root).__name__} of {len(root)} tensors without names{hint}"
     return f"a {type(root).__name__}"

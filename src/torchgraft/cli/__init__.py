@@ -23,8 +23,9 @@ import traceback
 
 from .. import __version__
 from ..errors import TorchgraftError
+from ..sources import resolve_cli_sources
 from . import check, convert, demo, diff, inspect
-from .common import CliError, one_line
+from .common import CliError, escape_text, one_line
 
 COMMANDS = (inspect, diff, convert, check, demo)
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        resolve_cli_sources(args)  # hf:// ids and URLs in FILE/SRC/A/B become local paths
         if getattr(args, "run", None) is None:
             raise CliError("choose a command: inspect, diff, convert, check or demo "
                            "(see 'torchgraft --help')")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, TorchgraftError) as err:
         if debug:
             traceback.print_exc()
-        print(f"torchgraft: error: {one_line(err)}", file=sys.stderr)
+        print(f"torchgraft: error: {escape_text(one_line(err))}", file=sys.stderr)
         return getattr(err, "code", 2) if isinstance(err, CliError) else 2
     except KeyboardInterrupt:
         print("torchgraft: interrupted", file=sys.stderr)
@@ -80,6 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if debug:
             traceback.print_exc()
-        print(f"torchgraft: error: {type(err).__name__}: {one_line(err)} "
+        print(f"torchgraft: error: {type(err).__name__}: {escape_text(one_line(err))} "
               "(unexpected; rerun with --debug for the traceback)", file=sys.stderr)
         return 2

@@ -13,7 +13,11 @@ JSON schema (``--json``), ``"schema": "torchgraft.check/1"``::
      "model": str, "min_loaded": float, "strict": bool,
      "loaded_fraction": float,
      "reasons": [str],                      # why it failed; empty when ok
-     "report": <LoadReport.to_dict()>}      # the plan, exactly as tg.plan makes it
+     "report": <LoadReport.to_dict()> | null}  # the plan, exactly as tg.plan makes it; null
+                                            # when auto refused to guess (AmbiguousRenameError)
+
+An ambiguous checkpoint (``auto`` finds several renamings that fit about equally well, e.g. a
+student and a teacher copy) fails the check (exit 1) with the options that pick each copy.
 
 Example:
     $ torchgraft check epoch_100.pth --model timm:convnext_tiny --prefix backbone
@@ -27,11 +31,12 @@ import sys
 from typing import Any
 
 from ..api import plan
+from ..errors import AmbiguousRenameError
+from ..report import fmt_fraction
 from .common import (
     Style,
     add_mapping_options,
     add_model_kwargs,
-    fmt_pct,
     mapping_kwargs,
     one_line,
     parse_kwargs,
@@ -67,10 +72,13 @@ def _fraction(text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     options = mapping_kwargs(args)
     model = build_model(args.model, parse_kwargs(args.kwargs))
-    report = plan(model, args.src, **options)
+    try:
+        report = plan(model, args.src, **options)
+    except AmbiguousRenameError as err:
+        return _ambiguous(args, err)
     reasons = []
     mism, names_differ = report.mismatched, report.missing_keys or report.unexpected_keys
-    if not report.ok and mism and options["mismatch"] == "error":
+    if not report.ok and mism and options["mismatch"] != "skip":
         reasons.append(f"{len(mism)} tensor(s) match by name but not by shape "
                        "(--mismatch skip loads the rest)")
     elif not report.ok and not (args.strict and names_differ):
@@ -79,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
         reasons.append(f"--strict: {len(report.missing_keys)} missing and "
                        f"{len(report.unexpected_keys)} unexpected tensor(s)")
     if report.loaded_fraction < args.min_loaded:
-        reasons.append(f"only {fmt_pct(report.loaded_fraction)} of the model's elements would be "
-                       f"loaded; --min-loaded is {fmt_pct(args.min_loaded)}")
+        reasons.append(f"only {fmt_fraction(report.loaded_fraction)} of the model's elements "
+                       f"would be loaded; --min-loaded is {fmt_fraction(args.min_loaded)}")
     code = 1 if reasons else 0
     if args.json:
         print_json({"schema": "torchgraft.check/1", "ok": not reasons, "exit_code": code,
@@ -94,5 +102,20 @@ def run(args: argparse.Namespace) -> int:
         print(st.red("check FAILED: " + "; ".join(reasons)))
     else:
         print(st.green(f"check OK: {args.src} loads into {args.model} "
-                       f"({fmt_pct(report.loaded_fraction)} of its elements)"))
+                       f"({fmt_fraction(report.loaded_fraction)} of its elements)"))
     return code
+
+
+def _ambiguous(args: argparse.Namespace, err: AmbiguousRenameError) -> int:
+    """auto refused to guess: the check fails (exit 1) and says which options pick each copy."""
+    reason = "auto=True cannot tell which checkpoint tensors belong in the model (ambiguous)"
+    if args.json:
+        print_json({"schema": "torchgraft.check/1", "ok": False, "exit_code": 1,
+                    "model": args.model, "min_loaded": args.min_loaded, "strict": args.strict,
+                    "loaded_fraction": 0.0, "reasons": [reason, one_line(err)],
+                    "report": None})
+        return 1
+    st = Style(sys.stdout)
+    print(str(err))
+    print(st.red(f"check FAILED: {reason}; pass one of the options above"))
+    return 1

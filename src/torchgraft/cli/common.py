@@ -58,6 +58,68 @@ class Style:
         return lambda text: f"\033[{code}m{text}\033[0m" if self.on else str(text)
 
 
+# --- terminal safety --------------------------------------------------------------------------
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
+
+
+def _escape_char(ch: str) -> str:
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 \
+        else f"\\U{code:08x}"
+
+
+def escape_text(text: str) -> str:
+    """``text`` safe to print on a terminal: every non-printable character (ESC, BEL, newlines,
+    other C0/C1 controls, bidi overrides, unassigned code points) becomes a visible escape such
+    as ``\\e``, ``\\x07``, ``\\n`` or ``\\u202e``. Printable text, including non-ASCII letters,
+    is unchanged. Used for TEXT output of names and values taken from files; ``--json`` output
+    stays exact.
+
+    >>> escape_text("blocks.0\\x1b[2J\\n.weight")
+    'blocks.0\\\\e[2J\\\\n.weight'
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+
+
+_OWN_SGR = re.compile("\x1b\\[(?:" + "|".join(sorted(Style.CODES.values())) + "|0)m")
+
+
+def terminal_lines(lines: list[str], st: Style) -> str:
+    """The text to write for ``lines``: each line escaped with :func:`escape_text` (a newline
+    inside a name cannot start a new line), keeping only the plain colour codes :class:`Style`
+    itself adds when colour is on."""
+    if not st.on:
+        return "\n".join(escape_text(line) for line in lines) + "\n"
+    out = []
+    for line in lines:
+        parts = _OWN_SGR.split(line)
+        codes = _OWN_SGR.findall(line)
+        out.append("".join(escape_text(p) + (codes[i] if i < len(codes) else "")
+                           for i, p in enumerate(parts)))
+    return "\n".join(out) + "\n"
+
+
+def escape_tree(obj: Any, depth: int = 0) -> Any:
+    """A copy of a JSON-like tree (dicts, lists, tuples) with every string, keys included,
+    passed through :func:`escape_text`; other values are returned as they are."""
+    if isinstance(obj, str):
+        return escape_text(obj)
+    if depth > 100:
+        return obj
+    if isinstance(obj, dict):
+        return {escape_tree(k, depth + 1): escape_tree(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [escape_tree(v, depth + 1) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(escape_tree(v, depth + 1) for v in obj)
+    return obj
+
+
 # --- formatting -------------------------------------------------------------------------------
 
 

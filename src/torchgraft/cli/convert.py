@@ -53,6 +53,7 @@ from .common import (
     parse_kwargs,
     parse_rename,
     print_json,
+    terminal_lines,
 )
 from .specs import build_model
 
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
                         "ok": after.ok, "loaded_fraction": after.loaded_fraction,
                         "counts": after.counts}})
     else:
-        sys.stdout.write("\n".join(render_text(result, after, Style(sys.stdout))) + "\n")
+        st = Style(sys.stdout)
+        sys.stdout.write(terminal_lines(render_text(result, after, st), st))
     return 0 if ok else 1
 
 

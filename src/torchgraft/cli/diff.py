@@ -2,13 +2,17 @@
 
 A and B are each a checkpoint path or a model spec (``timm:NAME``, ``transformers:CLASS...``,
 ``module:callable``; an existing path always counts as a checkpoint). Options: ``--json``,
-``--values``, ``--kwargs JSON`` and ``--select --prefix --rename --no-auto --mismatch --strict
---trust``.
+``--values``, ``--min-loaded F``, ``--kwargs JSON`` and ``--select --prefix --rename --no-auto
+--mismatch --strict --trust``.
 
 * Checkpoint vs model (either order): the load plan exactly as ``tg.plan`` makes it: copied,
   renamed (and by which rule), cast, shape mismatches with both shapes, missing and unexpected,
   grouped, with "did you mean" for every unmatched name (closest names on the other side by
-  similarity, equal shapes first). Exit 0 when the plan would load, 1 when it would fail.
+  similarity, equal shapes first). Exit 0 when the plan would load, 1 when it would fail, when
+  less than ``--min-loaded`` of the model's elements would be loaded (as ``check``), or when
+  ``auto`` refuses to guess between several renamings (AmbiguousRenameError). A load below
+  half of the model (``report.LOW_LOAD_WARNING``) is called partial, with a warning line, never
+  "would succeed".
 * Checkpoint vs checkpoint: tensors only in A (removed), only in B (added), with another shape
   or dtype (changed); with ``--values`` also tensors whose values differ (max abs difference,
   compared one tensor at a time). Mapping options apply to both sides; auto-reconciliation maps
@@ -19,11 +23,14 @@ JSON schema (``--json``), ``"schema": "torchgraft.diff/1"``, ``kind`` tells whic
     # kind "plan"
     {"schema": "torchgraft.diff/1", "kind": "plan", "ok": bool, "exit_code": 0 | 1,
      "checkpoint": str, "model": str,
+     "loaded_fraction": float, "min_loaded": float | null,
+     "warnings": [str],                     # e.g. a partial load below LOW_LOAD_WARNING
+     "error": str | null,                   # why tg.load would fail (also an ambiguous auto)
      "renamed": [{"source": str, "target": str, "reason": str}],
      "suggestions": {"missing": {model_name: [{"name": str, "shape": [int] | null,
                                                "similarity": float}]},
                      "unexpected": {checkpoint_name: [...same...]}},
-     "report": <LoadReport.to_dict()>}
+     "report": <LoadReport.to_dict()> | null}   # null when auto refused to guess
     # kind "checkpoints"
     {"schema": "torchgraft.diff/1", "kind": "checkpoints", "identical": bool,
      "exit_code": 0 | 1,
@@ -50,18 +57,20 @@ import sys
 from typing import Any
 
 from ..api import plan
-from ..report import group_names
+from ..errors import AmbiguousRenameError
+from ..report import LOW_LOAD_WARNING, fmt_fraction, group_names
+from .check import _fraction
 from .common import (
     CliError,
     Style,
     add_mapping_options,
     add_model_kwargs,
-    fmt_pct,
     fmt_shape,
     mapping_kwargs,
     parse_kwargs,
     print_json,
     table,
+    terminal_lines,
 )
 from .compare import checkpoint_diff, fold, plan_suggestions, renamed
 from .specs import build_model, looks_like_spec
@@ -76,6 +85,9 @@ def add_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.add_argument("b", metavar="B", help="checkpoint path or model spec")
     p.add_argument("--values", action="store_true",
                    help="checkpoint vs checkpoint: also compare values")
+    p.add_argument("--min-loaded", metavar="F", type=_fraction, default=None,
+                   help="checkpoint vs model: exit 1 when less than this fraction of the "
+                   "model's elements would be loaded (as check)")
     add_model_kwargs(p)
     add_mapping_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -89,15 +101,20 @@ def run(args: argparse.Namespace) -> int:
     st = Style(sys.stdout)
     if a_spec != b_spec:
         spec, ckpt = (args.a, args.b) if a_spec else (args.b, args.a)
-        report = plan(build_model(spec, kwargs), ckpt, **options)
-        out = {"schema": "torchgraft.diff/1", "kind": "plan", "ok": report.ok,
-               "exit_code": 0 if report.ok else 1, "checkpoint": ckpt, "model": spec,
-               "renamed": renamed(report), "suggestions": plan_suggestions(report),
-               "report": report.to_dict()}
-        lines = _plan_text(out, report, st)
+        model = build_model(spec, kwargs)
+        try:
+            report = plan(model, ckpt, **options)
+        except AmbiguousRenameError as err:
+            out, lines = _ambiguous(ckpt, spec, args.min_loaded, err, st)
+        else:
+            out = _plan_out(report, ckpt, spec, args.min_loaded)
+            lines = _plan_text(out, report, st)
     else:
         if args.values and a_spec:
             raise CliError("--values compares two checkpoints; A and B are model specs")
+        if args.min_loaded is not None:
+            raise CliError("--min-loaded applies to a checkpoint vs a model; A and B are both "
+                           + ("model specs" if a_spec else "checkpoints"))
         a = build_model(args.a, kwargs) if a_spec else args.a
         b = build_model(args.b, kwargs) if b_spec else args.b
         d = checkpoint_diff(a, b, select=options["select"], prefix=options["prefix"],
@@ -109,8 +126,41 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(out)
     else:
-        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.write(terminal_lines(lines, st))  # names from files: no terminal control
     return out["exit_code"]
+
+
+def _plan_out(report: Any, ckpt: str, spec: str, min_loaded: float | None) -> dict[str, Any]:
+    frac = report.loaded_fraction
+    below = min_loaded is not None and frac < min_loaded
+    warnings = []
+    if report.ok and frac < LOW_LOAD_WARNING:
+        warnings.append(f"only {fmt_fraction(frac)} of the model's elements would be loaded "
+                        f"(below {LOW_LOAD_WARNING:.0%}): a partial load; tg.load warns, and "
+                        "min_loaded= / --min-loaded make it an error")
+    error = report.error
+    if report.ok and below:
+        error = (f"only {fmt_fraction(frac)} of the model's elements would be loaded; "
+                 f"--min-loaded is {fmt_fraction(min_loaded)}")
+    ok = report.ok and not below
+    return {"schema": "torchgraft.diff/1", "kind": "plan", "ok": ok, "exit_code": 0 if ok else 1,
+            "checkpoint": ckpt, "model": spec, "loaded_fraction": frac,
+            "min_loaded": min_loaded, "warnings": warnings, "error": error,
+            "renamed": renamed(report), "suggestions": plan_suggestions(report),
+            "report": report.to_dict()}
+
+
+def _ambiguous(ckpt: str, spec: str, min_loaded: float | None, err: AmbiguousRenameError,
+               st: Style) -> tuple[dict[str, Any], list[str]]:
+    out = {"schema": "torchgraft.diff/1", "kind": "plan", "ok": False, "exit_code": 1,
+           "checkpoint": ckpt, "model": spec, "loaded_fraction": 0.0, "min_loaded": min_loaded,
+           "warnings": [], "error": str(err), "renamed": [],
+           "suggestions": {"missing": {}, "unexpected": {}}, "report": None}
+    lines = [st.bold(f"plan: {ckpt} -> {spec}")]
+    text = str(err).splitlines()
+    lines.append(st.red(f"=> tg.load would FAIL: {text[0]}"))
+    lines += [f"   {line.strip()}" for line in text[1:] if line.strip()]
+    return out, lines
 
 
 def _grouped(names: list[str], suffix: str = "") -> list[str]:
@@ -149,7 +199,7 @@ def _plan_text(out: dict[str, Any], r: Any, st: Style) -> list[str]:
     n_model = sum(1 for e in r.entries if e.target is not None)
     lines = [st.bold(f"plan: {out['checkpoint']} [{r.format}, '{r.selected or '<top>'}'] "
                      f"-> {out['model']}"),
-             f"  would load {fmt_pct(r.loaded_fraction)} of model elements "
+             f"  would load {fmt_fraction(r.loaded_fraction)} of model elements "
              f"({c['copied'] + c['cast']}/{n_model} tensors)"]
     lines += [f"  rule: {rule}" for rule in r.rules]
     lines += [f"  note: {note}" for note in r.notes]
@@ -199,16 +249,20 @@ def _plan_text(out: dict[str, Any], r: Any, st: Style) -> list[str]:
                         lambda e: e.source_shape, lambda e: e.source, sugg["unexpected"], st)
     if r.placeholders:
         lines.append(f"  not executed: the file references {', '.join(r.placeholders[:6])}")
-    if r.ok and r.loaded_fraction >= 1.0:
-        lines.append(st.green("=> tg.load would succeed with these options"))
-    elif r.ok:
-        lines.append(st.yellow(f"=> tg.load would succeed, loading {fmt_pct(r.loaded_fraction)}"
-                               f" of the model ({c['missing']} missing tensors keep their "
-                               "values)"))
-    else:
-        error = (r.error or "").splitlines() or [""]
+    frac = fmt_fraction(r.loaded_fraction)
+    lines += [st.yellow(f"  warning: {w}") for w in out["warnings"]]
+    if not out["ok"]:
+        error = (out["error"] or "").splitlines() or [""]
         lines.append(st.red(f"=> tg.load would FAIL: {error[0]}"))
         lines += [f"   {line.strip()}" for line in error[1:8] if line.strip()]
+    elif r.loaded_fraction >= 1.0:
+        lines.append(st.green("=> tg.load would succeed with these options"))
+    elif out["warnings"]:
+        lines.append(st.yellow(f"=> tg.load would load only {frac} of the model: a partial "
+                               f"load ({c['missing']} missing tensors keep their values)"))
+    else:
+        lines.append(st.yellow(f"=> tg.load would succeed, loading {frac} of the model "
+                               f"({c['missing']} missing tensors keep their values)"))
     return lines
 
 

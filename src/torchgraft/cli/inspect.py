@@ -9,7 +9,10 @@ JSON schema (``--json``), ``"schema": "torchgraft.inspect/1"``::
      "container": [{"key": str, "type": str, "summary": str,      # one row per top-level key
                     "value": <JSON value when it holds no tensors and is small> | null,
                     "tensors": int}],
-     "candidates": [{"path": str, "tensors": int, "parameters": int, "bytes": int,
+     "candidates": [{"path": str, "tensors": int, "elements": int, "bytes": int,
+                     "parameters": int | null, "buffers": int | null,  # elements in each;
+                     # null when the file cannot tell (a plain state dict): a whole pickled
+                     # module can
                      "dtypes": {dtype: count}, "ema": bool, "selected": bool}],
      "selected": str | null,                                      # what tg.read picks
      "tensors": [{"name": str, "shape": [int], "dtype": str, "nbytes": int,
@@ -40,7 +43,7 @@ import sys
 from typing import Any
 
 from ..inspect_ import inspect_checkpoint
-from .common import Style, fmt_bytes, fmt_count, fmt_shape, print_json, table
+from .common import Style, escape_tree, fmt_bytes, fmt_count, fmt_shape, print_json, table
 
 MAX_ROWS = 200
 MAX_STATS_ROWS = 400
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render_text(info: dict[str, Any], st: Style) -> list[str]:
+    info = escape_tree(info)  # names, keys and values come from the file: no terminal control
     size = f", {fmt_bytes(info['size_bytes'])}" if info["size_bytes"] is not None else ""
     lines = [st.bold(f"{info['file']}") + f"  ({info['format']}{size})", ""]
     lines.append(st.bold("container:"))
@@ -76,7 +80,7 @@ def render_text(info: dict[str, Any], st: Style) -> list[str]:
     if cands:
         lines.append(st.bold(f"state dicts ({len(cands)}; * = what tg.read selects):"))
         rows = [["*" if c["selected"] else " ", c["path"] or "<top>", f"{c['tensors']} tensors",
-                 f"{fmt_count(c['parameters'])} params", fmt_bytes(c["bytes"]),
+                 _elements(c), fmt_bytes(c["bytes"]),
                  ", ".join(f"{d} ({n})" if len(c["dtypes"]) > 1 else d
                            for d, n in c["dtypes"].items()) + ("  EMA" if c["ema"] else "")]
                 for c in cands]
@@ -88,6 +92,13 @@ def render_text(info: dict[str, Any], st: Style) -> list[str]:
         lines += _tensors(info, st)
     lines += _footer(info, st)
     return lines
+
+
+def _elements(c: dict[str, Any]) -> str:
+    """Parameters and buffers apart when the file tells them apart, else just elements."""
+    if c.get("parameters") is None:
+        return f"{fmt_count(c['elements'])} elements"
+    return f"{fmt_count(c['parameters'])} params + {fmt_count(c['buffers'])} buffers"
 
 
 def _tensors(info: dict[str, Any], st: Style) -> list[str]:

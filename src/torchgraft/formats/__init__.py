@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import torch
 
 from ..errors import CheckpointNotFoundError, ReadError, UnsupportedFormatError
 from ..tensors import MemoryRef
+from . import tensor_kinds
+from .archives import describe_pt2, open_pt2, torchscript_declarations, torchscript_state
 from .base import Checkpoint, Format, register_format, registered_formats
 from .folder import open_folder
 from .numpy_files import NpzFormat, PickleFormat, arrays_to_refs
@@ -51,9 +54,7 @@ def open_checkpoint(source: Source, trust: bool = False) -> Checkpoint:
             f"cannot read a {type(source).__name__}: pass a path, a folder or a state dict"
         )
     path = Path(source)
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{path}: no such file or folder")
-    if path.is_dir():
+    if stat.S_ISDIR(checked_stat(path).st_mode):
         ckpt = open_folder(path, lambda p: _open_file(p, trust))
     else:
         ckpt = _open_file(path, trust)
@@ -61,7 +62,33 @@ def open_checkpoint(source: Source, trust: bool = False) -> Checkpoint:
     return ckpt
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def checked_stat(path: Path, regular_only: bool = False) -> os.stat_result:
+    """``os.stat`` of a checkpoint path (links followed) that accepts only a regular file or a
+    folder, with plain-words errors; special files are refused without being opened."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such file or folder") from None
+    except (OSError, ValueError) as err:  # ELOOP, ENAMETOOLONG, EACCES, embedded NUL byte
+        reason = getattr(err, "strerror", None) or str(err)
+        raise ReadError(f"{str(path)[:300]!r}: cannot be read ({reason}); expected a checkpoint "
+                        "file or folder") from None
+    mode = st.st_mode
+    if stat.S_ISREG(mode) or (stat.S_ISDIR(mode) and not regular_only):
+        return st
+    kind = next((what for test, what in _KINDS if test(mode)),
+                "a folder" if stat.S_ISDIR(mode) else "not a regular file")
+    raise UnsupportedFormatError(
+        f"{path}: is {kind}, not a checkpoint file; torchgraft reads only regular files and "
+        "folders (copy the data to a file first)")
+
+
 def _open_file(path: Path, trust: bool) -> Checkpoint:
+    checked_stat(path, regular_only=True)
     try:
         with open(path, "rb") as f:
             head = f.read(512)
@@ -74,8 +101,41 @@ def _open_file(path: Path, trust: bool) -> Checkpoint:
         return _open_trusted(path)
     for fmt in registered_formats():
         if fmt.sniff(path, head):
-            return fmt.open(path, trust)
+            return _open_with(fmt, path, trust)
     raise UnsupportedFormatError(f"{path.name}: {describe_unknown(head, path)}")
+
+
+def _open_with(fmt: Format, path: Path, trust: bool) -> Checkpoint:
+    """``fmt.open`` plus what no single format sees: program archives (TorchScript, .pt2) and
+    tensors of a kind that cannot be rebuilt (never dropped: an error naming each)."""
+    made = tensor_kinds.UNSUPPORTED_MADE
+    try:
+        ckpt = fmt.open(path, trust)
+    except UnsupportedFormatError:
+        if not head_is_zip(path):
+            raise
+        ckpt = open_pt2(path)  # a torch.export archive: its weights
+        if ckpt is None:
+            pt2 = describe_pt2(path)
+            if pt2:
+                raise UnsupportedFormatError(pt2) from None
+            raise
+    if tensor_kinds.UNSUPPORTED_MADE != made:
+        tensor_kinds.raise_unsupported(ckpt.root, ckpt.name)
+    state = None
+    if getattr(ckpt.root, "qualname", "").startswith("__torch__."):
+        state = torchscript_state(ckpt.root, torchscript_declarations(path))
+    if state is not None:
+        ckpt.notes.append(f"TorchScript archive ({ckpt.root.qualname}): read the weights of its "
+                          "modules, as torch.jit.load(...).state_dict() gives them; its code was "
+                          "not run")
+        ckpt.root = state
+    return ckpt
+
+
+def head_is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def describe_unknown(head: bytes, path: Path) -> str:

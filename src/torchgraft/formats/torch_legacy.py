@@ -28,13 +28,29 @@ MAGIC = 0x1950A86A20F9469CFC6C
 _HEAD = b"\x80\x02\x8a\x0a" + MAGIC.to_bytes(10, "little")
 
 
+_MAGIC_LONG1 = b"\x8a\x0a" + MAGIC.to_bytes(10, "little")
+_MAGIC_TEXT = b"L" + str(MAGIC).encode() + b"L\n."  # protocols 0 and 1
+
+
+def _is_legacy_head(head: bytes) -> bool:
+    """The pickled magic number under any pickle protocol (``torch.save(pickle_protocol=N)``)."""
+    if head.startswith(_MAGIC_TEXT):
+        return True
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+        return False
+    body = head[2:]
+    if head[1] >= 4 and body[:1] == b"\x95":  # FRAME opcode and its 8-byte length
+        body = body[9:]
+    return body.startswith(_MAGIC_LONG1)
+
+
 class TorchLegacyFormat(Format):
     """Reads the legacy torch serialization lazily with the restricted unpickler."""
 
     name = "torch-legacy"
 
     def sniff(self, path: Path, head: bytes) -> bool:
-        return head.startswith(_HEAD)
+        return head.startswith(_HEAD) or _is_legacy_head(head)
 
     def open(self, path: Path, trust: bool = False) -> Checkpoint:
         fh = FileHandle(path)
@@ -57,10 +73,14 @@ class TorchLegacyFormat(Format):
             key = str(key) if isinstance(key, (str, int)) else brief(key)  # str(): 2**depth
             dtypes.setdefault(key, storage_type.dtype)
             base_elems = 0
-            if isinstance(view, tuple) and len(view) == 3 and isinstance(view[1], int):
-                base_elems = view[1]
+            if isinstance(view, tuple) and len(view) == 3:
+                base_elems = _view_offset(view, numel, path)
 
             def make_tensor(storage, dt, elem_offset, shape, stride, _key=key, _base=base_elems):
+                if type(elem_offset) is not int or elem_offset < 0:
+                    raise CorruptCheckpointError(
+                        f"{path.name}: a tensor starts at element {elem_offset!r:.40} of storage "
+                        f"{_key}; expected a non-negative offset")
                 ref = FileRef(fh, -1, dt, shape, stride, _base + elem_offset,
                               storage_key=(str(path), _key))
                 pending.setdefault(_key, []).append((ref, ref.elem_offset + ref.span_elems()))
@@ -110,3 +130,14 @@ class TorchLegacyFormat(Format):
                 f"{path.name}: storages {sorted(pending)[:3]} are referenced but not stored"
             )
         return Checkpoint(root=root, format=self.name, path=path, placeholders=placeholders)
+
+
+def _view_offset(view: tuple, numel: int, path: Path) -> int:
+    """The element offset of a legacy storage view ``(key, offset, size)``, checked to lie in
+    ``[0, numel]`` so no tensor reads bytes before or after its own storage."""
+    offset, size = view[1], view[2]
+    if type(offset) is not int or offset < 0 or (type(size) is int and offset + size > numel):
+        raise CorruptCheckpointError(
+            f"{path.name}: a storage view at element {offset!r:.40} (size {size!r:.40}) does not "
+            f"lie inside its {numel}-element storage (corrupt or crafted file)")
+    return offset

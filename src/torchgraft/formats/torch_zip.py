@@ -25,10 +25,12 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError, TorchgraftError, UnsupportedFormatError
-from ..tensors import FileHandle, FileRef
+from ..limits import LIMITS
+from ..tensors import FileHandle, FileRef, TensorRef, layout
 from .base import Checkpoint, Format
+from .tensor_kinds import ComputedRef
 from .unpickler import StorageRef, StorageType, brief, restricted_loads
-from .zip_index import Members, read_central_directory
+from .zip_index import Members, check_stored_size, inflate_member, read_central_directory
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 
@@ -73,13 +75,21 @@ def _zipfile_members(path: Path) -> Members:
     """The member table through ``zipfile``, for archives ``read_central_directory`` declines."""
     try:
         with zipfile.ZipFile(path) as zf:
-            return {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC)
-                    for i in zf.infolist()}
+            infos = zf.infolist()
+            members = {i.filename: (i.header_offset, i.compress_size, i.compress_type, i.CRC)
+                       for i in infos}
     except Exception as err:  # zipfile raises many types on garbage
         raise CorruptCheckpointError(
             f"{path.name}: not a readable zip archive ({err}); the file is probably truncated "
             "or corrupt - download it again"
         ) from None
+    if len(members) != len(infos):
+        seen: set[str] = set()
+        dup = next(i.filename for i in infos if i.filename in seen or seen.add(i.filename))
+        raise CorruptCheckpointError(
+            f"{path.name}: zip member {dup!r} is in the archive twice (corrupt or crafted: tools "
+            "would disagree on which copy to read)")
+    return members
 
 
 def _read_member(fh: FileHandle, members: Members, name: str) -> bytes:
@@ -88,13 +98,14 @@ def _read_member(fh: FileHandle, members: Members, name: str) -> bytes:
     try:
         if method != zipfile.ZIP_STORED:
             with zipfile.ZipFile(fh.path) as zf:
-                return zf.read(name)
+                return inflate_member(zf, name)
+        check_stored_size(fh.path, name, size, "max_pickle_bytes")
         data = fh.pread(_data_offsets(fh, [(offset, name)])[name], size)
     except TorchgraftError:
         raise
     except Exception as err:  # zipfile raises many types on garbage
         raise CorruptCheckpointError(f"{fh.path.name}: cannot read {name}: {err}") from None
-    if zlib.crc32(data) != crc:
+    if crc and zlib.crc32(data) != crc:  # 0: not recorded (torch's compute_crc32=False)
         raise CorruptCheckpointError(
             f"{fh.path.name}: {name} fails its CRC check; the file is corrupt - download it again")
     return data
@@ -117,6 +128,85 @@ class _ZipStorage(StorageRef):
             raise CorruptCheckpointError(
                 f"tensor of shape {list(shape)} needs more bytes than storage {self.key} holds")
         return ref
+
+
+# --- deflated storage members (a torch zip rewritten with ZIP_DEFLATED; torch.load reads it) ----
+
+
+def _uncompressed_sizes(path: Path) -> dict[str, int]:
+    """Uncompressed sizes of the compressed members, their total checked against the limit."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            sizes = {i.filename: i.file_size for i in zf.infolist()
+                     if i.compress_type != zipfile.ZIP_STORED}
+    except Exception as err:  # zipfile raises many types on garbage
+        raise CorruptCheckpointError(f"{path.name}: not a readable zip archive ({err})") from None
+    LIMITS.check("max_decompressed_bytes", sum(sizes.values()),
+                 f"{path.name}: compressed members decompress to")
+    return sizes
+
+
+class _DeflatedStorage(StorageRef):
+    """A deflated storage record: decompressed into memory (and CRC-checked) when a tensor on it
+    is read, never when the file is opened."""
+
+    __slots__ = ("fh", "offset", "csize", "nbytes", "crc", "key")
+
+    def __init__(self, dtype: torch.dtype, fh: FileHandle, offset: int, csize: int, nbytes: int,
+                 crc: int, key: str) -> None:
+        self.dtype, self.numel = dtype, nbytes // dtype.itemsize
+        self.fh, self.offset, self.csize, self.nbytes, self.crc, self.key = (
+            fh, offset, csize, nbytes, crc, key)
+
+    def data(self) -> bytearray:
+        if not self.nbytes:  # (max_length 0 would mean "unbounded")
+            return bytearray()
+        inflater = zlib.decompressobj(-15)
+        try:
+            out = bytearray(inflater.decompress(self.fh.pread(self.offset, self.csize),
+                                                self.nbytes))
+        except zlib.error as err:
+            raise CorruptCheckpointError(
+                f"{self.fh.path.name}: storage data/{self.key} does not inflate ({err})") from None
+        if len(out) != self.nbytes or inflater.unconsumed_tail or (
+                self.crc and zlib.crc32(out) != self.crc):
+            raise CorruptCheckpointError(
+                f"{self.fh.path.name}: storage data/{self.key} fails its size or CRC check; the "
+                "file is corrupt - download it again")
+        return out
+
+    def make_tensor(self, storage: StorageRef, dt: torch.dtype, elem_offset: int,
+                    shape: tuple[int, ...], stride: tuple[int, ...]) -> TensorRef:
+        shape, numel, _, span = layout(shape, stride)
+        if span and (elem_offset + span) * dt.itemsize > self.nbytes:
+            raise CorruptCheckpointError(
+                f"tensor of shape {list(shape)} needs more bytes than storage {self.key} holds")
+
+        def build() -> torch.Tensor:
+            if not numel:
+                return torch.empty_strided(shape, stride, dtype=dt)
+            raw = self.data()[elem_offset * dt.itemsize:(elem_offset + span) * dt.itemsize]
+            flat = torch.frombuffer(raw, dtype=dt)
+            return torch.as_strided(flat, shape, stride).clone()
+
+        return ComputedRef("deflated", shape, dt, build,
+                           extra=(id(self), elem_offset, shape, stride, dt))
+
+
+def _deflated_storage(fh: FileHandle, dtype: torch.dtype, name: str, offset: int, csize: int,
+                      method: int, crc: int, usizes: dict[str, int]) -> StorageRef:
+    key = name.rsplit("/", 1)[-1]
+    if method != zipfile.ZIP_DEFLATED:
+        raise UnsupportedFormatError(
+            f"{fh.path.name}: storage data/{key} is compressed with zip method {method}; only "
+            "stored and deflated members are read. Rewrite the archive uncompressed (zip -0)")
+    if offset + csize > fh.size:
+        raise CorruptCheckpointError(f"storage data/{key} runs past the end of the file")
+    if not usizes:
+        usizes.update(_uncompressed_sizes(fh.path))
+    if name not in usizes:
+        raise CorruptCheckpointError(f"storage data/{key}: no uncompressed size in the archive")
+    return _DeflatedStorage(dtype, fh, offset, csize, usizes[name], crc, key)
 
 
 class TorchZipFormat(Format):
@@ -152,6 +242,7 @@ class TorchZipFormat(Format):
         data = _read_member(fh, members, pkl_name)
 
         storages: dict[str, StorageRef] = {}
+        usizes: dict[str, int] = {}  # filled on the first compressed storage
         data_prefix = prefix + "data/"
         offsets = _data_offsets(fh, [(m[0], n) for n, m in members.items()
                                      if n.startswith(data_prefix)])
@@ -169,9 +260,11 @@ class TorchZipFormat(Format):
             offset = offsets.get(name)
             if offset is None:
                 raise CorruptCheckpointError(f"storage record data/{key} is missing")
-            _, nbytes, method, _ = members[name]
+            _, nbytes, method, crc = members[name]
             if method != zipfile.ZIP_STORED:
-                raise UnsupportedFormatError(f"storage data/{key} is compressed")
+                ref = storages[key] = _deflated_storage(fh, storage_type.dtype, name, offset,
+                                                        nbytes, method, crc, usizes)
+                return ref
             if offset + nbytes > fh.size:
                 raise CorruptCheckpointError(f"storage data/{key} runs past the end of the file")
             dtype = storage_type.dtype

@@ -31,6 +31,8 @@ from ..errors import CorruptCheckpointError, ResourceLimitError, TorchgraftError
 from ..limits import LIMITS
 from ..tensors import TensorRef
 from .pickle_scan import check_opcodes
+from .tensor_kinds import LAYOUTS, tensor_kind_globals, unknown_subclass, with_metadata
+from .tensor_kinds import REBUILDERS as KIND_REBUILDERS
 
 
 def _refuse_build(*args: Any) -> None:
@@ -265,8 +267,12 @@ def _make_rebuild_tensor_v2(checked: dict) -> Callable[..., TensorRef]:
             pair = None
         if pair is None or type(storage_offset) is not int or storage_offset < 0 or not \
                 isinstance(storage, StorageRef):
-            return _rebuild_tensor(storage, storage_offset, size, stride)
-        return storage.make_tensor(storage, storage.dtype, storage_offset, pair[0], pair[1])
+            ref = _rebuild_tensor(storage, storage_offset, size, stride)
+        else:
+            ref = storage.make_tensor(storage, storage.dtype, storage_offset, pair[0], pair[1])
+        if metadata:  # conj/neg bits (tensor_kinds)
+            return with_metadata(ref, metadata)
+        return ref
 
     _rebuild_tensor_v2.__setstate__ = _refuse_build  # type: ignore[attr-defined]
     return _rebuild_tensor_v2
@@ -274,14 +280,18 @@ def _make_rebuild_tensor_v2(checked: dict) -> Callable[..., TensorRef]:
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
                        backward_hooks=None, metadata=None):
-    return _rebuild_tensor(storage, storage_offset, size, stride)
+    ref = _rebuild_tensor(storage, storage_offset, size, stride)
+    if metadata:  # conj/neg bits (tensor_kinds)
+        return with_metadata(ref, metadata)
+    return ref
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
                        dtype, metadata=None):
     if not isinstance(dtype, torch.dtype):
         raise CorruptCheckpointError(f"bad tensor dtype {brief(dtype)}")
-    return _rebuild_tensor(storage, storage_offset, size, stride, dtype)
+    ref = _rebuild_tensor(storage, storage_offset, size, stride, dtype)
+    return with_metadata(ref, metadata) if metadata else ref
 
 
 def _rebuild_legacy(storage, storage_offset, size, stride):
@@ -294,9 +304,13 @@ def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None
 
 def _rebuild_from_type_v2(func, new_type, args, state):
     ctx = getattr(_CURRENT, "ctx", None)
-    if isinstance(args, tuple) and (func in _REBUILDERS or (
+    # callable() first: hashing a pickled (nested, shared) tuple can take 2**depth steps
+    if isinstance(args, tuple) and callable(func) and (func in _REBUILDERS or func in KIND_REBUILDERS or (
             ctx is not None and func is ctx.overrides["torch._utils._rebuild_tensor_v2"])):
         return func(*args)
+    unsupported = unknown_subclass(func, new_type)  # a torch rebuilder torchgraft lacks
+    if unsupported is not None:
+        return unsupported
     return _reported_placeholder("torch._tensor._rebuild_from_type_v2")(func, new_type, args,
                                                                         state)
 
@@ -306,6 +320,7 @@ _REBUILDERS = {_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_legacy, _rebuild
 
 def _torch_globals() -> dict[str, Any]:
     allowed: dict[str, Any] = {
+        **tensor_kind_globals(),  # quantized, sparse, nested, meta, ... (tensor_kinds)
         "torch._utils._rebuild_tensor": _rebuild_legacy,
         "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
         "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
@@ -329,8 +344,8 @@ def _all_dtypes() -> list[torch.dtype]:
 
 
 def _get_layout(name: Any) -> Any:
-    if name == "torch.strided":
-        return torch.strided
+    if type(name) is str and name in LAYOUTS:  # str only: hashing a pickled tuple can take 2**depth
+        return LAYOUTS[name]
     return _reported_placeholder(f"torch.serialization._get_layout({brief(name)})")()
 
 
@@ -576,6 +591,10 @@ _BASE_GLOBALS: dict[str, Any] = {
     "builtins.complex": complex,
     "builtins.slice": slice,
     "__builtin__.set": set,
+    "__builtin__.frozenset": frozenset,  # protocol-2 pickles name builtins __builtin__.*
+    "__builtin__.bytearray": _bytearray,
+    "__builtin__.complex": complex,
+    "__builtin__.slice": slice,
     "_codecs.encode": _codecs_encode,
     "copyreg._reconstructor": _reconstructor,
     "copy_reg._reconstructor": _reconstructor,
@@ -707,6 +726,17 @@ def _seekable(stream: Any) -> bool:
 # --- whole pickled modules ------------------------------------------------------------------
 
 
+class ModuleStateDict(dict):
+    """The state dict of a pickled ``nn.Module``; ``buffers`` names its buffers (the rest are
+    parameters), so ``inspect`` can count them apart."""
+
+    buffers: set[str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffers = set()
+
+
 def module_state(obj: Any) -> dict | None:
     """If ``obj`` is a placeholder for a pickled ``nn.Module``, the state dict it would produce.
 
@@ -719,7 +749,7 @@ def module_state(obj: Any) -> dict | None:
     state = obj.state
     if not isinstance(state, dict) or "_parameters" not in state or "_modules" not in state:
         return None
-    out: dict[str, Any] = {}
+    out = ModuleStateDict()
     seen: set[int] = set()
     stack: list[tuple[dict, str, int]] = [(state, "", 0)]
     while stack:
@@ -748,6 +778,8 @@ def _collect_tensors(state: dict, prefix: str, out: dict[str, Any]) -> None:
     for name, value in _mapping_items(state.get("_buffers") or {}):
         if isinstance(value, TensorRef) and _not_in(name, skip):
             out[prefix + str(name)] = value
+            if isinstance(out, ModuleStateDict):
+                out.buffers.add(prefix + str(name))
 
 
 def _not_in(name: Any, collection: Any) -> bool:

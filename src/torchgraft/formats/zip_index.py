@@ -20,6 +20,11 @@ from __future__ import annotations
 
 import os
 import struct
+import zipfile
+from pathlib import Path
+
+from ..errors import CorruptCheckpointError, UnsupportedFormatError
+from ..limits import LIMITS
 
 _EOCD = struct.Struct("<4sHHHHIIH")  # end of central directory record, 22 bytes
 _EOCD64_LOCATOR = struct.Struct("<4sIQI")  # 20 bytes
@@ -128,3 +133,57 @@ def read_central_directory(fd: int, size: int) -> Members | None:
         members[name] = (offset, csize, method, crc)
         pos = end_pos
     return members
+
+
+# --- bounded reading of members (shared by the torch zip and npz readers) ---------------------
+
+_RATIO_FLOOR = 16 << 20  # below this many declared bytes any compression ratio is accepted
+
+
+def check_declared_size(path: Path, name: str, declared: int, stored: int, limit: str) -> None:
+    """Refuse a compressed member before inflating it when the size its header declares is over
+    ``LIMITS.<limit>`` or more than ``LIMITS.max_compression_ratio`` times its stored size."""
+    LIMITS.check(limit, declared, f"{path.name}: member {name} declares {declared} bytes "
+                                  "when decompressed, which")
+    if declared > _RATIO_FLOOR and declared > LIMITS.max_compression_ratio * max(stored, 1):
+        LIMITS.check("max_compression_ratio", declared // max(stored, 1),
+                     f"{path.name}: member {name} inflates {stored} stored bytes to {declared}; "
+                     "that ratio")
+
+
+def inflate_member(zf: zipfile.ZipFile, name: str, limit: str = "max_pickle_bytes",
+                   keep: bool = True) -> bytes:
+    """A compressed member's bytes (``keep=False``: only verified, ``b""`` returned).
+
+    Its declared size is checked first (see :func:`check_declared_size`); it is then inflated in
+    bounded steps, never past the declared size, and must match it and its CRC exactly.
+    """
+    info = zf.getinfo(name)
+    path = Path(zf.filename or "?")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise UnsupportedFormatError(
+            f"{path.name}: member {name} uses zip compression method {info.compress_type}; "
+            "only stored and deflate members are read (what torch and numpy write)")
+    check_declared_size(path, name, info.file_size, info.compress_size, limit)
+    out = bytearray()
+    got = 0
+    try:
+        with zf.open(info) as f:  # ZipExtFile: bounded decompress steps, stops at declared size
+            while chunk := f.read(1 << 20):
+                got += len(chunk)
+                if keep:
+                    out += chunk
+    except Exception as err:  # BadZipFile (CRC), zlib.error, EOFError on garbage
+        raise CorruptCheckpointError(
+            f"{path.name}: member {name} cannot be decompressed ({err}); the file is corrupt - "
+            "download it again") from None
+    if got != info.file_size:
+        raise CorruptCheckpointError(
+            f"{path.name}: {name} inflates to {got} bytes, its header declares "
+            f"{info.file_size}; the file is corrupt - download it again")
+    return bytes(out)
+
+
+def check_stored_size(path: Path, name: str, size: int, limit: str) -> None:
+    """Refuse a stored member larger than ``LIMITS.<limit>`` before reading it into memory."""
+    LIMITS.check(limit, size, f"{path.name}: member {name} size in bytes")

@@ -45,6 +45,16 @@ on the module you call ``init_weights()`` on yourself, code its class runs *afte
 ``super().init_weights()`` still runs after the load; and ``TorchgraftPretrained`` given inside an
 ``override=`` entry is an ordinary initializer (as ``Pretrained`` would be there).
 
+The Runner's own loading. ``Runner(load_from=...)``, ``Runner(resume=True)`` and
+``runner.load_checkpoint(...)`` go through ``Runner.load_checkpoint``, which calls ``torch.load``
+(refused under torch >= 2.6 for Runner checkpoints: their message hub holds ``HistoryBuffer``
+objects). :func:`install_runner_loading` (or ``custom_imports`` of
+``torchgraft.integrations.mmengine_runner``) replaces that method: the file is read without
+running its pickle (:func:`read_runner_checkpoint`: ``HistoryBuffer`` and ``Counter`` rebuilt
+from their recorded plain data), the Runner's ``after_load_checkpoint`` hooks run, the weights
+are loaded with :func:`tg.load` and the rest (optimizer, param schedulers, meta, message hub)
+goes to ``Runner.resume`` exactly as mmengine expects it.
+
 Example:
     >>> import torch
     >>> from mmengine.model import BaseModule
@@ -66,11 +76,13 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 
 try:
@@ -84,10 +96,20 @@ except ImportError as _err:  # pragma: no cover - depends on the environment
     ) from _err
 
 from .. import api
-from ..errors import OptionError, TorchgraftError
+from ..errors import (
+    CorruptCheckpointError,
+    OptionError,
+    TorchgraftError,
+    UnsafeCheckpointError,
+    UnsupportedFormatError,
+)
+from ..formats import open_checkpoint
+from ..formats.unpickler import Placeholder
 from ..report import LoadReport
+from ._rebuild import placeholders_in, rebuild
 
-__all__ = ["TorchgraftPretrained", "NAME", "install_init_order", "resolve_checkpoint"]
+__all__ = ["TorchgraftPretrained", "NAME", "install_init_order", "resolve_checkpoint",
+           "install_runner_loading", "uninstall_runner_loading", "read_runner_checkpoint"]
 
 #: The registry name to use as ``init_cfg=dict(type=NAME, ...)``.
 NAME = "TorchgraftPretrained"
@@ -185,6 +207,35 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> str:
                       "http(s)/open-mmlab/torchvision/mmcls addresses; fetch this one first")
 
 
+def _load_logged(module: torch.nn.Module, source: Any, options: dict[str, Any],
+                 origin: tuple[str, str] | None = None) -> LoadReport:
+    """``tg.load`` with the report (or the failed plan's report) in mmengine's log; a low-load
+    warning is logged there too and re-emitted as a Python warning. ``origin``: the file and
+    format an in-memory ``source`` was read from, for the report."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", api.LowLoadWarning)
+            report = api.load(module, source, **options)
+    except TorchgraftError as err:
+        failed = getattr(err, "report", None)
+        if failed is not None:
+            _set_origin(failed, origin)
+            print_log(str(failed), logger="current", level=logging.ERROR)
+        raise
+    _set_origin(report, origin)
+    print_log(str(report), logger="current")
+    for w in caught:  # a low load: said in mmengine's log and as a Python warning
+        if issubclass(w.category, api.LowLoadWarning):
+            print_log(str(w.message), logger="current", level=logging.WARNING)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return report
+
+
+def _set_origin(report: Any, origin: tuple[str, str] | None) -> None:
+    if origin is not None and isinstance(report, LoadReport):
+        report.source, report.format = origin
+
+
 # --- the initializer -------------------------------------------------------------------------
 
 
@@ -233,16 +284,9 @@ class TorchgraftPretrained:
             source = resolve_checkpoint(source)
         print_log(f"torchgraft: loading {self.checkpoint} into {type(module).__name__}",
                   logger="current")
-        try:
-            report = api.load(module, source, **self.options)
-        except TorchgraftError as err:
-            failed = getattr(err, "report", None)
-            if failed is not None:
-                print_log(str(failed), logger="current", level=logging.ERROR)
-            raise
+        report = _load_logged(module, source, self.options)
         self.report = report
         TorchgraftPretrained.last_report = report
-        print_log(str(report), logger="current")
         if hasattr(module, "_params_init_info"):
             update_init_info(module, init_info=self._get_init_info())
         return report
@@ -379,3 +423,199 @@ def install_init_order() -> None:
 
 
 install_init_order()
+
+
+# --- Runner(load_from=...) / Runner(resume=True) through torchgraft ---------------------------
+
+_HISTORY_BUFFER = "mmengine.logging.history_buffer.HistoryBuffer"
+_HISTORY_KEYS = ("_log_history", "_count_history")
+_RESUME_PARTS = ("optimizer", "param_schedulers")
+_RUNNER_OPTIONS: dict[str, Any] = {}
+
+
+def _statistic_names(methods: Any) -> list[str]:
+    """Names of the statistics methods a pickled HistoryBuffer recorded (never resolved)."""
+    return [str(k) for k in methods] if isinstance(methods, Mapping) else []
+
+
+def _history_buffer_rebuilder(notes: list[str]) -> Callable[..., Any]:
+    def rebuild_history_buffer(ph: Placeholder, plain: Callable[[Any], Any]) -> Any:
+        from mmengine.logging import HistoryBuffer
+
+        state = ph.state
+        if not isinstance(state, Mapping):
+            raise CorruptCheckpointError(f"{_HISTORY_BUFFER} with state {state!r:.80}: "
+                                         "expected a dict")
+        data = {k: plain(state.get(k)) for k in (*_HISTORY_KEYS, "max_length")}
+        logs, counts = (data[k] for k in _HISTORY_KEYS)
+        ok = (all(isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype.kind in "biuf"
+                  for a in (logs, counts)) and len(logs) == len(counts)
+              and type(data["max_length"]) is int)
+        if not ok:
+            raise CorruptCheckpointError(
+                f"{_HISTORY_BUFFER}: expected 1-d numeric _log_history and _count_history of "
+                f"equal length and an int max_length; found {data!r:.200}")
+        buf = HistoryBuffer.__new__(HistoryBuffer)
+        buf.__setstate__(data)  # mmengine's own restore, given only the vetted plain data
+        for name in _statistic_names(state.get("statistics_methods")):
+            if name not in HistoryBuffer._statistics_methods:
+                notes.append(f"HistoryBuffer statistics method {name!r} is not registered "
+                             "here; register it (HistoryBuffer.register_statistics) before "
+                             "resuming to use it")
+        return buf
+
+    return rebuild_history_buffer
+
+
+def _as_device(map_location: Any) -> str | torch.device | None:
+    if isinstance(map_location, torch.device):
+        return map_location
+    if isinstance(map_location, str) and map_location != "default":
+        return map_location
+    return None  # callables and dicts: tensors stay on the CPU, the model's own device wins
+
+
+def read_runner_checkpoint(filename: str | os.PathLike, map_location: Any = "cpu", *,
+                           trust: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """Read an mmengine ``Runner`` checkpoint without running its pickled code.
+
+    Returns ``(checkpoint, notes)``: the checkpoint as ``torch.load`` would give it to the
+    Runner — tensors (on ``map_location`` when it is a device string or ``torch.device``),
+    ``meta`` with ``epoch``/``iter``, ``optimizer`` and ``param_schedulers`` state dicts
+    (``collections.Counter`` milestones rebuilt), ``message_hub`` whose ``log_scalars`` are
+    real ``HistoryBuffer`` objects built from the recorded arrays — and plain-text notes.
+    Nothing the file names is imported or called: ``HistoryBuffer`` is mmengine's own class,
+    constructed from the recorded numbers.
+    ``meta['config']`` (old mmcv checkpoints) is dropped: ``Runner.resume`` would execute that
+    Python text to compare GPU counts. A global the file names that cannot be rebuilt raises
+    :class:`UnsafeCheckpointError` when it sits in a part resuming uses (optimizer, schedulers,
+    the message hub's ``log_scalars``, ``meta`` epoch/iter); elsewhere (other ``meta`` entries,
+    the hub's ``runtime_info``) it stays an inert placeholder and is named in the notes. Tensors
+    are all read into memory, as ``torch.load`` would (the Runner's hooks may change them).
+
+    Example:
+        >>> ckpt, notes = read_runner_checkpoint("work_dirs/epoch_1.pth")  # doctest: +SKIP
+        >>> ckpt["meta"]["epoch"], type(ckpt["message_hub"]["log_scalars"]["train/loss"])
+        (1, <class 'mmengine.logging.history_buffer.HistoryBuffer'>)  # doctest: +SKIP
+    """
+    tree, notes, _ = _read_runner(filename, map_location, trust)
+    return tree, notes
+
+
+def _read_runner(filename: Any, map_location: Any,
+                 trust: bool) -> tuple[dict[str, Any], list[str], tuple[str, str]]:
+    source = resolve_checkpoint(filename)
+    ckpt = open_checkpoint(source, trust=trust)
+    notes: list[str] = []
+    tree = rebuild(ckpt.root, {_HISTORY_BUFFER: _history_buffer_rebuilder(notes)},
+                   _as_device(map_location))
+    if not isinstance(tree, dict):
+        raise UnsupportedFormatError(f"{filename}: holds {type(tree).__name__}, not a "
+                                     "checkpoint dict or a state dict")
+    meta = tree.get("meta")
+    if isinstance(meta, dict) and "config" in meta:
+        del meta["config"]
+        notes.append("meta['config'] (a Python config text) was not passed on: mmengine would "
+                     "execute it")
+    _check_placeholders(tree, filename, notes)
+    return tree, notes, (str(ckpt.path or source), ckpt.format)
+
+
+def _check_placeholders(tree: dict[str, Any], filename: Any, notes: list[str]) -> None:
+    needed = [(f"[{k!r}]", tree[k]) for k in _RESUME_PARTS if k in tree]
+    hub = tree.get("message_hub")
+    if isinstance(hub, dict) and "log_scalars" in hub:
+        needed.append(("['message_hub']['log_scalars']", hub["log_scalars"]))
+    meta = tree.get("meta")
+    if isinstance(meta, dict):
+        needed += [(f"['meta'][{k!r}]", meta[k]) for k in ("epoch", "iter") if k in meta]
+    bad = [(p + sub, q) for p, value in needed for sub, q in placeholders_in(value)]
+    if bad:
+        listed = "; ".join(f"{p}: {q}" for p, q in bad[:8])
+        raise UnsafeCheckpointError(
+            f"{filename}: resuming needs objects torchgraft does not rebuild without running "
+            f"the file's code: {listed}. Rebuild them yourself, or if you trust the file, "
+            "install_runner_loading(trust=True)")
+    others = sorted({q for _, q in placeholders_in(tree)})
+    if others:
+        notes.append(f"not executed (left as inert placeholders): {', '.join(others)}")
+
+
+def _runner_load_checkpoint(self: Any, filename: str, map_location: Any = "cpu",
+                            strict: bool = False,
+                            revise_keys: Any = ((r"^module.", ""),)) -> dict[str, Any]:
+    """``Runner.load_checkpoint`` through torchgraft (installed by install_runner_loading)."""
+    from mmengine.model import is_model_wrapper
+
+    options = dict(_RUNNER_OPTIONS)
+    checkpoint, notes, origin = _read_runner(filename, map_location, bool(options.get("trust")))
+    for note in notes:
+        print_log(f"torchgraft: {note}", logger="current")
+    self.call_hook("after_load_checkpoint", checkpoint=checkpoint)
+    model = self.model.module if is_model_wrapper(self.model) else self.model
+    if options.get("select") is None and "state_dict" in checkpoint:
+        options["select"] = "state_dict"
+    revise = [list(p) for p in revise_keys]
+    if revise == [[r"^module.", ""]]:  # mmengine's default: auto strips 'module.' already
+        revise = []
+    options["rename"] = _normalise_rename(options.get("rename"), revise)
+    options["strict"] = bool(strict or options.get("strict"))
+    options["trust"] = False  # the file was read above; the checkpoint is now in memory
+    print_log(f"torchgraft: loading {filename} into {type(model).__name__}", logger="current")
+    self.torchgraft_report = _load_logged(model, checkpoint, options, origin)
+    self._has_loaded = True
+    self.logger.info(f"Load checkpoint from {filename}")
+    return checkpoint
+
+
+def install_runner_loading(**options: Any) -> None:
+    """Make mmengine's ``Runner`` load checkpoints through torchgraft (idempotent).
+
+    Replaces ``Runner.load_checkpoint``, which ``Runner(load_from=...)``, ``Runner(resume=True)``
+    (through ``Runner.resume``) and direct calls use: the file is read by
+    :func:`read_runner_checkpoint` (no pickled code runs, so Runner checkpoints that
+    ``torch.load(weights_only=True)`` refuses under torch >= 2.6 load), the Runner's
+    ``after_load_checkpoint`` hooks see the checkpoint as before, and the weights are loaded
+    with :func:`tg.load` (``revise_keys`` become ``rename``, all-or-nothing, report in the log
+    and in ``runner.torchgraft_report``). ``options`` are :func:`tg.load` keywords used for every
+    load (``prefix``, ``mismatch``, ``min_loaded``, ``strict``, ``trust``...). A second call
+    replaces the options. :func:`uninstall_runner_loading` restores mmengine's own method.
+    In a config, ``custom_imports = dict(imports=['torchgraft.integrations.mmengine_runner'])``
+    does the same with no options.
+
+    Example:
+        >>> install_runner_loading(min_loaded=0.9)
+        >>> from mmengine.runner import Runner
+        >>> Runner.load_checkpoint.__name__
+        'load_checkpoint'
+        >>> uninstall_runner_loading()
+    """
+    from mmengine.runner import Runner
+
+    accepted = _load_option_names()
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise OptionError(f"install_runner_loading: unknown option(s) {unknown}; accepted: "
+                          f"{', '.join(accepted)}")
+    _RUNNER_OPTIONS.clear()
+    _RUNNER_OPTIONS.update(options)
+    current = Runner.load_checkpoint
+    if getattr(current, "_torchgraft_original", None) is None:
+        def load_checkpoint(self: Any, filename: str, map_location: Any = "cpu",
+                            strict: bool = False,
+                            revise_keys: Any = ((r"^module.", ""),)) -> dict[str, Any]:
+            return _runner_load_checkpoint(self, filename, map_location, strict, revise_keys)
+
+        load_checkpoint.__doc__ = _runner_load_checkpoint.__doc__
+        load_checkpoint._torchgraft_original = current  # type: ignore[attr-defined]
+        Runner.load_checkpoint = load_checkpoint
+
+
+def uninstall_runner_loading() -> None:
+    """Give ``Runner.load_checkpoint`` back to mmengine (no-op when not installed)."""
+    from mmengine.runner import Runner
+
+    original = getattr(Runner.load_checkpoint, "_torchgraft_original", None)
+    if original is not None:
+        Runner.load_checkpoint = original
+    _RUNNER_OPTIONS.clear()

@@ -291,6 +291,54 @@ print("ok", sd.selected, len(info["candidates"]))
     assert selected == "state_dict" and int(n_candidates) <= 12 * 9 + 2
 
 
+def test_shared_references_in_pkl_and_npz_do_not_hang(tmp_path: Path) -> None:
+    code = """
+import pickle, numpy as np, torchgraft as tg
+from torchgraft.inspect_ import inspect_checkpoint
+from tests.test_hardening_pickle import _shared_lists, _shared_dicts
+w = np.ones(2, dtype=np.float32)
+obj = {"w": w, "lists": _shared_lists(45), "dicts": _shared_dicts(12, 8, w)}
+pickle.dump(obj, open("f.pkl", "wb"), protocol=4)
+np.savez("f.npz", w=w, meta=np.array([obj], dtype=object))
+for path in ("f.pkl", "f.npz"):
+    print(sorted(tg.read(path).refs)[:1], len(inspect_checkpoint(path)["candidates"]) > 0)
+"""
+    done = run_isolated(code, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["['w']", "True", "['w']", "True"]
+
+
+def _shared_tuples(depth: int) -> tuple:
+    node: tuple = (1,)
+    for _ in range(depth):
+        node = (node, node)
+    return node
+
+
+def test_shared_tuples_are_never_hashed_or_printed(tmp_path: Path) -> None:
+    """A tuple holding the same tuple twice, 60 levels deep: hash(), str() and repr() take
+    2**60 steps. Tensor layouts, storage keys and error messages must not touch it."""
+    code = """
+import torch, torchgraft as tg
+from tests.hostile_pickles import Storage, save_obj, tensor
+from tests.test_hardening_pickle import _shared_tuples
+deep = _shared_tuples(60)
+storage = Storage("0", b"\\0" * 16)
+cases = {"size": tensor(storage, deep, (1,)), "stride": tensor(storage, (4,), deep),
+         "offset": tensor(storage, (4,), (1,), deep)}
+for name, obj in cases.items():
+    try:
+        tg.read(save_obj(f"{name}.pth", {"w": obj}))
+        print(name, "accepted")
+    except tg.CorruptCheckpointError as err:
+        print(name, "refused", len(str(err)) < 500)
+"""
+    done = run_isolated(code, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["size", "refused", "True", "stride", "refused", "True",
+                                   "offset", "refused", "True"]
+
+
 def test_find_candidates_keeps_every_name_of_a_shared_state_dict() -> None:
     ref = tg.tensors.MemoryRef(torch.ones(1))
     sd = {"w": ref}

@@ -103,7 +103,7 @@ def render(obj: Any, depth: int = 0, budget: _Budget | None = None) -> str:
         return {list: f"[{body}]", tuple: f"({body})"}.get(type(obj), "{" + body + "}")
     if _is_numpy(obj):
         if getattr(obj, "ndim", 0) == 0 or obj.size <= 12:
-            return repr(obj.tolist())
+            return render(obj.tolist(), depth, budget)
         return f"array{list(obj.shape)} {obj.dtype}"
     if isinstance(obj, bytes):
         return f"<{len(obj)} bytes>"

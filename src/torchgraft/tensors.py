@@ -57,7 +57,8 @@ _LAYOUTS: dict[tuple, tuple[tuple[int, ...], int, bool, int]] = {}
 def _plain_dims(dims: tuple, what: str) -> tuple[int, ...]:
     """``dims`` as a tuple of non-negative plain ints, or a CorruptCheckpointError."""
     if type(dims) is not tuple or any(type(d) is not int or d < 0 for d in dims):
-        raise CorruptCheckpointError(f"bad tensor {what} {dims!r:.80}: expected non-negative ints")
+        raise CorruptCheckpointError(
+            f"bad tensor {what} of {len(dims)} dims: expected non-negative ints")
     return dims
 
 

@@ -44,22 +44,30 @@ def torch_dtype(dtype: np.dtype) -> torch.dtype | None:
         return None
 
 
-def arrays_to_refs(obj: Any, depth: int = 0) -> Any:
-    """Replace numeric numpy arrays in a container tree by tensor references."""
+def arrays_to_refs(obj: Any, depth: int = 0, seen: dict[int, Any] | None = None) -> Any:
+    """Replace numeric numpy arrays in a container tree by tensor references (each object is
+    converted once, however often the tree refers to it)."""
+    seen = {} if seen is None else seen
     if depth > 100:
         return obj
+    if id(obj) in seen:
+        return seen[id(obj)]
+    seen[id(obj)] = obj  # a container inside itself stays as it is
     if isinstance(obj, np.ndarray):
         if obj.dtype.hasobject:
-            return arrays_to_refs(obj.item(), depth + 1) if obj.ndim == 0 else obj
-        if torch_dtype(obj.dtype) is None:
-            return obj
-        arr = obj if obj.dtype.isnative else obj.astype(obj.dtype.newbyteorder("="))
-        return MemoryRef(torch.from_numpy(np.require(arr, requirements="C")))
+            out = arrays_to_refs(obj.item(), depth + 1, seen) if obj.ndim == 0 else obj
+        elif torch_dtype(obj.dtype) is None:
+            out = obj
+        else:
+            arr = obj if obj.dtype.isnative else obj.astype(obj.dtype.newbyteorder("="))
+            out = MemoryRef(torch.from_numpy(np.require(arr, requirements="C")))
+        seen[id(obj)] = out
+        return out
     if isinstance(obj, dict):
         for key in list(obj):
-            obj[key] = arrays_to_refs(obj[key], depth + 1)
+            obj[key] = arrays_to_refs(obj[key], depth + 1, seen)
     elif isinstance(obj, list):
-        obj[:] = [arrays_to_refs(v, depth + 1) for v in obj]
+        obj[:] = [arrays_to_refs(v, depth + 1, seen) for v in obj]
     return obj
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import CorruptCheckpointError
 from ..tensors import FileHandle, FileRef
 from .base import Checkpoint, Format
-from .unpickler import Placeholder, StorageRef, StorageType, make_placeholder, restricted_loads
+from .unpickler import Placeholder, StorageRef, StorageType, brief, make_placeholder, restricted_loads
 
 MAGIC = 0x1950A86A20F9469CFC6C
 # protocol 2, LONG1 of 10 bytes: how the magic number's pickle starts
@@ -65,12 +65,12 @@ class TorchLegacyFormat(Format):
                     return cls
                 return make_placeholder("torch.legacy.module_source")
             if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
-                raise CorruptCheckpointError(f"unknown persistent id {pid!r:.80}")
+                raise CorruptCheckpointError(f"unknown persistent id {brief(pid)}")
             _, storage_type, key, _location, numel = pid[:5]
             view = pid[5] if len(pid) > 5 else None
             if not isinstance(storage_type, StorageType) or not isinstance(numel, int):
-                raise CorruptCheckpointError(f"bad storage reference {pid!r:.80}")
-            key = str(key)
+                raise CorruptCheckpointError(f"bad storage reference {brief(pid)}")
+            key = str(key) if isinstance(key, (str, int)) else brief(key)  # str(): 2**depth
             dtypes.setdefault(key, storage_type.dtype)
             base_elems = 0
             if isinstance(view, tuple) and len(view) == 3:

@@ -29,7 +29,7 @@ from ..limits import LIMITS
 from ..tensors import FileHandle, FileRef, TensorRef, layout
 from .base import Checkpoint, Format
 from .tensor_kinds import ComputedRef
-from .unpickler import StorageRef, StorageType, restricted_loads
+from .unpickler import StorageRef, StorageType, brief, restricted_loads
 from .zip_index import Members, check_stored_size, inflate_member, read_central_directory
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
@@ -280,13 +280,13 @@ class TorchZipFormat(Format):
 
         def persistent_load(pid: Any) -> StorageRef:
             if type(pid) is not tuple or len(pid) < 5 or pid[0] != "storage":
-                raise CorruptCheckpointError(f"unknown persistent id {pid!r:.80}")
-            storage_type, key = pid[1], str(pid[2])
+                raise CorruptCheckpointError(f"unknown persistent id {brief(pid)}")
+            storage_type, key = pid[1], str(pid[2]) if isinstance(pid[2], (str, int)) else brief(pid[2])
             ref = storages.get(key)
             if ref is not None:
                 return ref
             if not isinstance(storage_type, StorageType):
-                raise CorruptCheckpointError(f"unknown storage type {storage_type!r:.80}")
+                raise CorruptCheckpointError(f"unknown storage type {brief(storage_type)}")
             name = data_prefix + key
             offset = offsets.get(name)
             if offset is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import io
+import itertools
 import pickle
 import re
 import threading
@@ -184,6 +185,30 @@ class StorageRef:
     __setstate__ = _refuse_build  # BUILD must not move a storage's offset or size
 
 
+def brief(value: Any, depth: int = 0) -> str:
+    """A short repr for error messages: at most 4 items a level, 2 levels, 60 characters a leaf.
+    ``repr()`` of a pickled value can take exponential time (a list holding the same list twice,
+    45 levels deep, is 2**45 items long as text)."""
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        if depth >= 2:
+            return "..."
+        if isinstance(value, dict):
+            parts = [f"{brief(k, depth + 1)}: {brief(v, depth + 1)}"
+                     for k, v in itertools.islice(value.items(), 4)]
+        else:
+            parts = [brief(v, depth + 1) for v in itertools.islice(value, 4)]
+        more = ", ..." if len(value) > 4 else ""
+        return f"{type(value).__name__}[{', '.join(parts)}{more}]"
+    if type(value) is int and value.bit_length() > 64:
+        return f"<int of {value.bit_length()} bits>"
+    if isinstance(value, (str, bytes, int, float, complex, bool, type(None), torch.dtype)):
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    if isinstance(value, (Placeholder, StorageType)) or isinstance(value, type):
+        return repr(value)[:80]
+    return f"<{type(value).__name__}>"
+
+
 _INT_ONLY = {int}
 
 
@@ -194,7 +219,7 @@ def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
     if (kind is tuple or kind is list or kind is torch.Size) and (
             not value or (set(map(type, value)) <= _INT_ONLY and min(value) >= 0)):
         return value if kind is tuple else tuple(value)
-    raise CorruptCheckpointError(f"bad tensor {what}: {value!r:.80}")
+    raise CorruptCheckpointError(f"bad tensor {what}: {brief(value)}")
 
 
 def _checked_layout(size: Any, stride: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -203,8 +228,9 @@ def _checked_layout(size: Any, stride: Any) -> tuple[tuple[int, ...], tuple[int,
     ctx = getattr(_CURRENT, "ctx", None)
     checked = ctx.checked if ctx is not None else {}
     try:
+        sum(size), sum(stride)  # flat numbers only: hashing nested tuples can take 2**depth
         pair = checked.get((size, stride))
-    except TypeError:  # lists, or unhashable junk: validated below
+    except TypeError:  # nested, lists, or unhashable junk: validated below
         pair = None
     if pair is None:
         shape = _as_int_tuple(size, "shape")
@@ -220,10 +246,10 @@ def _checked_layout(size: Any, stride: Any) -> tuple[tuple[int, ...], tuple[int,
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any,
                     dtype: torch.dtype | None = None) -> TensorRef:
     if type(storage_offset) is not int or storage_offset < 0:
-        raise CorruptCheckpointError(f"bad storage offset {storage_offset!r:.80}")
+        raise CorruptCheckpointError(f"bad storage offset {brief(storage_offset)}")
     pair = _checked_layout(size, stride)
     if not isinstance(storage, StorageRef):
-        raise CorruptCheckpointError(f"tensor data is not a storage: {storage!r:.80}")
+        raise CorruptCheckpointError(f"tensor data is not a storage: {brief(storage)}")
     dt = storage.dtype if dtype is None or not isinstance(dtype, torch.dtype) else dtype
     return storage.make_tensor(storage, dt, storage_offset, pair[0], pair[1])
 
@@ -235,6 +261,7 @@ def _make_rebuild_tensor_v2(checked: dict) -> Callable[..., TensorRef]:
     def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
                            backward_hooks=None, metadata=None):
         try:
+            sum(size), sum(stride)  # flat numbers only: hashing nested tuples can take 2**depth
             pair = checked.get((size, stride))
         except TypeError:
             pair = None
@@ -262,7 +289,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
                        dtype, metadata=None):
     if not isinstance(dtype, torch.dtype):
-        raise CorruptCheckpointError(f"bad tensor dtype {dtype!r}")
+        raise CorruptCheckpointError(f"bad tensor dtype {brief(dtype)}")
     ref = _rebuild_tensor(storage, storage_offset, size, stride, dtype)
     return with_metadata(ref, metadata) if metadata else ref
 
@@ -277,7 +304,8 @@ def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None
 
 def _rebuild_from_type_v2(func, new_type, args, state):
     ctx = getattr(_CURRENT, "ctx", None)
-    if isinstance(args, tuple) and (func in _REBUILDERS or func in KIND_REBUILDERS or (
+    # callable() first: hashing a pickled (nested, shared) tuple can take 2**depth steps
+    if isinstance(args, tuple) and callable(func) and (func in _REBUILDERS or func in KIND_REBUILDERS or (
             ctx is not None and func is ctx.overrides["torch._utils._rebuild_tensor_v2"])):
         return func(*args)
     unsupported = unknown_subclass(func, new_type)  # a torch rebuilder torchgraft lacks
@@ -316,9 +344,9 @@ def _all_dtypes() -> list[torch.dtype]:
 
 
 def _get_layout(name: Any) -> Any:
-    if name in LAYOUTS:
+    if type(name) is str and name in LAYOUTS:  # str only: hashing a pickled tuple can take 2**depth
         return LAYOUTS[name]
-    return _reported_placeholder(f"torch.serialization._get_layout({name!r:.80})")()
+    return _reported_placeholder(f"torch.serialization._get_layout({brief(name)})")()
 
 
 def _device(*args: Any) -> Any:
@@ -370,10 +398,10 @@ class NumpyDtype:
             raise CorruptCheckpointError("numpy dtype state set twice or after use")
         self.has_state = True
         if type(state) is not tuple or len(state) not in (8, 9) or state[0] not in (3, 4):
-            raise CorruptCheckpointError(f"bad numpy dtype state {state!r:.80}")
+            raise CorruptCheckpointError(f"bad numpy dtype state {brief(state)}")
         order, subarray, names, fields, itemsize = state[1], state[2], state[3], state[4], state[5]
         if order not in _NP_ORDERS or subarray is not None or type(itemsize) is not int:
-            raise CorruptCheckpointError(f"unsupported numpy dtype state {state!r:.80}")
+            raise CorruptCheckpointError(f"unsupported numpy dtype state {brief(state)}")
         if (names is None) != (fields is None):
             raise CorruptCheckpointError("bad numpy dtype state: names without fields")
         self.order, self.itemsize = order, itemsize
@@ -423,12 +451,12 @@ def _np_fields(names: Any, fields: Any, itemsize: int) -> list[tuple[str, NumpyD
         spec = fields.get(name) if type(name) is str else None
         if type(spec) is not tuple or len(spec) not in (2, 3) or not isinstance(
                 spec[0], NumpyDtype) or type(spec[1]) is not int:
-            raise CorruptCheckpointError(f"bad numpy record field {name!r:.40}")
+            raise CorruptCheckpointError(f"bad numpy record field {brief(name)}")
         sub, offset = spec[0], spec[1]
         size = sub.build().itemsize
         if sub.built.hasobject or offset < 0 or offset + size > itemsize:
             raise CorruptCheckpointError(
-                f"numpy record field {name!r:.40} (offset {offset}, {size} bytes) holds objects "
+                f"numpy record field {brief(name)} (offset {offset}, {size} bytes) holds objects "
                 f"or lies outside its {itemsize}-byte item")
         out.append((name, sub, offset))
     return out
@@ -441,18 +469,18 @@ def _np_unit(meta: Any) -> str:
             0 < inner[1] < 1_000_000:
         unit = inner[0].decode("latin-1")
         return unit if inner[1] == 1 else f"{inner[1]}{unit}"
-    raise CorruptCheckpointError(f"bad numpy datetime unit {meta!r:.80}")
+    raise CorruptCheckpointError(f"bad numpy datetime unit {brief(meta)}")
 
 
 def _np_dtype(spec: Any, align: Any = False, copy: Any = False) -> NumpyDtype:
     if type(spec) is not str or not _NP_SPEC.fullmatch(spec):
-        raise CorruptCheckpointError(f"bad numpy dtype {spec!r:.40}")
+        raise CorruptCheckpointError(f"bad numpy dtype {brief(spec)}")
     return NumpyDtype(spec)
 
 
 def _real_dtype(dt: Any, what: str) -> Any:
     if not isinstance(dt, NumpyDtype):
-        raise CorruptCheckpointError(f"bad numpy {what} dtype {dt!r:.80}")
+        raise CorruptCheckpointError(f"bad numpy {what} dtype {brief(dt)}")
     return dt.build()
 
 
@@ -476,7 +504,7 @@ def _np_array_type() -> type:
 def _np_array_state(state: Any) -> tuple:
     """numpy's ``(version, shape, dtype, fortran, data)`` array state, checked."""
     if type(state) is not tuple or len(state) != 5 or state[0] != 1:
-        raise CorruptCheckpointError(f"bad numpy array state {state!r:.80}")
+        raise CorruptCheckpointError(f"bad numpy array state {brief(state)}")
     _, shape, dt, fortran, data = state
     shape = _as_int_tuple(shape, "numpy shape")
     dtype = _real_dtype(dt, "array")

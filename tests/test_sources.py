@@ -114,6 +114,7 @@ def test_repo_id_loads_model_safetensors_as_transformers_prefers(hub, weights, t
     assert prov["repo"] == "org/repo" and prov["revision"] == "main"
     assert prov["commit"] == COMMIT_A and prov["file"] == "model.safetensors"
     assert prov["sha256"] == sha(data)  # the blob's name, no hashing
+    assert report.provenance == prov and report.to_dict()["provenance"] == prov
 
 
 def test_revision_and_file_in_a_subfolder(hub, weights, tmp_path):

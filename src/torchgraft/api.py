@@ -28,6 +28,7 @@ from .apply import apply_copies
 from .errors import (
     OptionError,
     PartialLoadError,
+    PlanError,
     SelectError,
     UnsupportedTargetError,
     UnsupportedTensorError,
@@ -40,7 +41,6 @@ from .plan import (
     _QUANTIZED,
     DEFAULT_MISMATCH,
     LOADED,
-    LOW_LOAD_WARNING,
     MISMATCH_MODES,
     Copy,
     Slot,
@@ -50,10 +50,10 @@ from .plan import (
     plan_error,
 )
 from .progress import ProgressBar
-from .report import Entry, LoadReport
+from .report import LOW_LOAD_WARNING, Entry, LoadReport
 from .rules import model_rules, resolve_filter
 from .selection import Candidate, describe_container, find_candidates, rank, resolve
-from .sources import resolve_source
+from .sources import provenance_of, resolve_source
 from .tensors import MemoryRef, TensorRef
 
 Source = str | os.PathLike | Mapping
@@ -257,7 +257,14 @@ def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
     opts = LoadOptions(select, prefix, rename, auto, mismatch, strict, trust, timm_filter,
                        min_loaded, hooks, filter, adapt, labels)
     with gc_paused():
-        planned = _plan(model, source, opts)
+        try:
+            planned = _plan(model, source, opts)
+        except PlanError as err:  # raised before a report exists (ambiguous names, adapters)
+            report = LoadReport(source=str(source) if not isinstance(source, Mapping)
+                                else "<in-memory>", ok=False, error=str(err),
+                                options=opts.describe())
+            err.report = report
+            return report
     return planned.report
 
 
@@ -397,6 +404,8 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
         if groups else p.loaded_fraction,
         options=opts.describe(),
     )
+    if ckpt.path is not None:
+        report.provenance = provenance_of(ckpt.path)
     for group in groups:
         report.notes.append(f"{group.prefix[:-1] or 'the model'} ({type(group.module).__name__})"
                             f" is loaded by its own loading code: {'; '.join(group.reasons)}")

@@ -355,21 +355,23 @@ def plan_group(group: NativeGroup, tolerate: Callable[[str], str | None]) -> lis
     """
     from .report import Entry
 
-    run = run_torch_load(dry_copy(group), clone_values(group.state), group.prefix,
-                         group.metadata)
+    dup = dry_copy(group)
+    run = run_torch_load(dup, clone_values(group.state), group.prefix, group.metadata)
     mism = run.mismatched
     skip = {k: why for k in mism if (why := tolerate(k)) is not None}
     first = run
     if skip:
         group.skip = set(skip)
-        run = run_torch_load(dry_copy(group), clone_values(group.state), group.prefix,
-                             group.metadata, group.skip)
+        dup = dry_copy(group)
+        run = run_torch_load(dup, clone_values(group.state), group.prefix, group.metadata,
+                             group.skip)
     other = [e for e in run.errors if not _SIZE_MISMATCH.match(e)]
     if other:
         raise LoadHookError(
             f"module {group.prefix[:-1] or '<root>'} ({type(group.module).__name__}): torch's "
             f"load_state_dict would fail: {' '.join(other)[:2000]} The model was not changed.")
     sent = {id(v): k for k, v in run.sent.items()}
+    own = {id(v) for v in dup.state_dict(keep_vars=True).values()}  # before the run: identity
     entries: list[Entry] = []
     used: set[str] = set()
     why_native = "; ".join(group.reasons)
@@ -393,6 +395,11 @@ def plan_group(group: NativeGroup, tolerate: Callable[[str], str | None]) -> lis
             entries.append(Entry(name, None, "missing", None, tshape, None, tdt, reason))
             continue
         origin = sent.get(id(seen)) if seen is not _ABSENT else None
+        if origin is None and src is None and id(seen) in own:  # the module's own value
+            entries.append(Entry(name, None, "kept", None, tshape, None, tdt,
+                                 f"the module keeps its own value ({why_native}); torch does "
+                                 "not count it missing"))
+            continue
         if seen is _ABSENT and src is None:
             entries.append(Entry(name, None, "copied", None, tshape, None, tdt,
                                  f"set by {why_native}"))

@@ -40,8 +40,6 @@ MISMATCH_MODES = (None, "error", "skip")
 #: ``"error"`` refuses every mismatch, ``"skip"`` keeps the model's own values for all of them.
 DEFAULT_MISMATCH = None
 
-#: Below this loaded fraction ``tg.load`` warns (``min_loaded=`` turns it into an error).
-LOW_LOAD_WARNING = 0.9
 
 
 @dataclass(slots=True)

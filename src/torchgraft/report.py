@@ -57,6 +57,7 @@ class LoadReport:
     applied: bool = False
     error: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] | None = None  # hub id/revision/commit or URL, sha256 (sources)
 
     # torch-compatible views ------------------------------------------------------------------
     @property
@@ -105,6 +106,7 @@ class LoadReport:
             "mismatched": [e.to_dict() for e in self.mismatched],
             "entries": [e.to_dict() for e in self.entries],
             "options": self.options,
+            "provenance": self.provenance,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -228,7 +230,8 @@ def format_report(r: LoadReport) -> str:
         f"  copied {c['copied']} · cast {c['cast']} · "
         + (f"adapted {c['adapted']} · " if c["adapted"] else "")
         + f"skipped {c['skipped']} · "
-        f"missing {c['missing']} · unexpected {c['unexpected']}",
+        f"missing {c['missing']} · unexpected {c['unexpected']}"
+        + (f" · kept {c['kept']}" if c.get("kept") else ""),
     ]
     for rule in r.rules:
         lines.append(f"  rule: {rule}")
@@ -256,6 +259,8 @@ def format_report(r: LoadReport) -> str:
     other_skips = [e for e in r.by_action("skipped") if e not in mism]
     _section("skipped", other_skips, lines)
     _section("missing, model keeps its own values", r.by_action("missing"), lines)
+    _section("kept by the model's own loading code (not missing for torch)", r.by_action("kept"),
+             lines)
     _section("unexpected, not used", r.by_action("unexpected"), lines)
     if r.placeholders:
         names = ", ".join(r.placeholders[:6]) + (" ..." if len(r.placeholders) > 6 else "")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SelectError
+from .errors import AmbiguousRenameError, SelectError
 from .limits import LIMITS
 from .tensors import TensorRef
 
@@ -161,6 +161,8 @@ def rank(cands: list[Candidate],
         for cand in cands:
             try:
                 cand.fit = score(cand)
+            except AmbiguousRenameError:  # never fall back silently to another candidate
+                raise
             except Exception as err:  # e.g. a prefix absent from this candidate
                 cand.fit, cand.error = (-1, -1), str(err)
     return sorted(cands, key=Candidate.sort_key)

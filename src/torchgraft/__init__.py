@@ -1,5 +1,8 @@
 """torchgraft: load any PyTorch checkpoint into any model, safely, fast and all-or-nothing.
 
+``import torchgraft`` is cheap: the errors are imported at once, everything else on first use
+(``tg.load``, ``tg.read``... import the pipeline then).
+
 Example:
     >>> import torch, torchgraft as tg
     >>> model = torch.nn.Linear(4, 2)
@@ -10,10 +13,13 @@ Example:
 
 from __future__ import annotations
 
-from .api import LoadOptions, LowLoadWarning, StateDict, load, plan, read
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AmbiguousRenameError,
     CheckpointNotFoundError,
+    ChecksumError,
     CorruptCheckpointError,
     IncompatibleKeysError,
     LoadHookError,
@@ -34,11 +40,42 @@ from .errors import (
     UnsupportedTargetError,
     UnsupportedTensorError,
 )
-from .formats import Checkpoint, Format, register_format
-from .limits import LIMITS, Limits, limits_raised
-from .report import Entry, LoadReport
+
+if TYPE_CHECKING:  # what the lazy names below resolve to
+    from .api import LoadOptions, LowLoadWarning, StateDict, load, plan, read
+    from .formats import Checkpoint, Format, register_format
+    from .limits import LIMITS, Limits, limits_raised
+    from .report import Entry, LoadReport
+    from .sources import ResolvedSource, provenance_of, resolve_source
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "load": "api", "plan": "api", "read": "api", "StateDict": "api", "LoadOptions": "api",
+    "LowLoadWarning": "api", "Checkpoint": "formats", "Format": "formats",
+    "register_format": "formats", "LIMITS": "limits", "Limits": "limits",
+    "limits_raised": "limits", "Entry": "report", "LoadReport": "report",
+    "ResolvedSource": "sources", "provenance_of": "sources", "resolve_source": "sources",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:  # a submodule (tg.formats, tg.transforms...) not imported yet
+        if name.startswith("_"):
+            raise AttributeError(f"module 'torchgraft' has no attribute {name!r}")
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'torchgraft' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "load", "plan", "read", "StateDict", "LoadReport", "Entry", "Checkpoint", "Format",
@@ -48,10 +85,6 @@ __all__ = [
     "IncompatibleKeysError", "NothingToLoadError", "PartialLoadError", "OptionError",
     "ResourceLimitError", "UnsupportedTensorError", "AmbiguousRenameError",
     "UnsupportedTargetError", "LoadHookError", "TooLittleLoadedError", "LIMITS", "Limits",
-    "limits_raised", "LowLoadWarning", "LoadOptions", "__version__",
+    "limits_raised", "LowLoadWarning", "LoadOptions", "ChecksumError", "ResolvedSource",
+    "provenance_of", "resolve_source", "__version__",
 ]
-
-from .errors import ChecksumError  # noqa: E402
-from .sources import ResolvedSource, provenance_of, resolve_source  # noqa: E402
-
-__all__ += ["ChecksumError", "ResolvedSource", "provenance_of", "resolve_source"]

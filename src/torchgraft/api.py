@@ -16,6 +16,7 @@ import contextlib
 import gc
 import math
 import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -53,7 +54,6 @@ from .progress import ProgressBar
 from .report import LOW_LOAD_WARNING, Entry, LoadReport
 from .rules import model_rules, resolve_filter
 from .selection import Candidate, describe_container, find_candidates, rank, resolve
-from .sources import provenance_of, resolve_source
 from .tensors import MemoryRef, TensorRef
 
 Source = str | os.PathLike | Mapping
@@ -125,7 +125,7 @@ def read(source: Source, select: str | None = None, *, trust: bool = False) -> S
         >>> sd.selected, sd["w"].tolist()
         ('model', [1.0, 1.0])
     """
-    source = resolve_source(source)  # hf:// ids and URLs become local paths; others unchanged
+    source = _resolved(source)  # hf:// ids and URLs become local paths; others unchanged
     ckpt = open_checkpoint(source, trust=trust)
     cand, ranked = _choose(ckpt, select, None)
     return StateDict(cand.tensors, ckpt, cand.path, ranked)
@@ -162,6 +162,16 @@ def _fit(names: NameMap, refs: dict[str, TensorRef],
             elems += ref.numel
             count += 1
     return elems, count
+
+
+def _resolved(source: Any) -> Any:
+    """``resolve_source`` for what may be a hub id or URL (the module is imported only then)."""
+    if isinstance(source, (str, os.PathLike)) and ":/" in os.fspath(source) or \
+            "torchgraft.sources" in sys.modules:
+        from .sources import resolve_source
+
+        return resolve_source(source)
+    return source
 
 
 @dataclass(frozen=True)
@@ -334,7 +344,7 @@ class _Planned:
 
 
 def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned:
-    source = resolve_source(source)  # hf:// ids and URLs become local paths; others unchanged
+    source = _resolved(source)  # hf:// ids and URLs become local paths; others unchanged
     ckpt = open_checkpoint(source, trust=opts.trust)
     slots = model_slots(model)
     shapes = _shapes(slots)
@@ -405,7 +415,8 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
         options=opts.describe(),
     )
     if ckpt.path is not None:
-        report.provenance = provenance_of(ckpt.path)
+        sources = sys.modules.get("torchgraft.sources")  # imported only if a source needed it
+        report.provenance = sources.provenance_of(ckpt.path) if sources else None
     for group in groups:
         report.notes.append(f"{group.prefix[:-1] or 'the model'} ({type(group.module).__name__})"
                             f" is loaded by its own loading code: {'; '.join(group.reasons)}")

@@ -14,6 +14,8 @@ Example:
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -71,6 +73,24 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later look-ups are plain attribute reads
     return value
+
+
+class _Package(types.ModuleType):
+    """``tg.plan`` is the function even after the submodule ``torchgraft.plan`` is imported
+    (the import system binds a submodule on its package; here it is kept aside)."""
+
+    @property
+    def plan(self) -> Any:
+        from .api import plan
+
+        return plan
+
+    @plan.setter
+    def plan(self, value: Any) -> None:
+        self.__dict__["_plan_module"] = value
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

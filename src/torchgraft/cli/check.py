@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from typing import Any
 
 from ..api import plan
 from ..errors import AmbiguousRenameError
-from ..report import fmt_fraction
+from ..report import LoadReport, fmt_fraction
 from .common import (
     Style,
     add_mapping_options,
     add_model_kwargs,
     command_help,
+    escape_text,
     mapping_kwargs,
     message_lines,
     one_line,
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                     "reasons": [one_line(r) for r in reasons], "report": report.to_dict()})
         return code
     st = Style(sys.stdout)
-    lines = str(report).splitlines()
+    lines = str(_escaped(report)).splitlines()
     if reasons:
         lines += failed_lines(reasons, st)
     else:
@@ -109,6 +111,22 @@ def run(args: argparse.Namespace) -> int:
                               f"({fmt_fraction(report.loaded_fraction)} of its elements)"))
     sys.stdout.write(terminal_lines(lines, st))  # names from the file: no terminal control
     return code
+
+
+def _escaped(report: LoadReport) -> LoadReport:
+    """A copy of ``report`` whose names (from the file) print as single escaped lines, so a
+    newline inside a name cannot start a line of its own; the error keeps its own lines."""
+    def esc(text: str | None) -> str | None:
+        return None if text is None else escape_text(text)
+
+    entries = [replace(e, target=esc(e.target), source=esc(e.source), reason=esc(e.reason) or "")
+               for e in report.entries]
+    error = None if report.error is None else "\n".join(
+        escape_text(line) for line in str(report.error).split("\n"))
+    return replace(report, entries=entries, selected=esc(report.selected) or "",
+                   source=esc(report.source) or "", rules=[escape_text(r) for r in report.rules],
+                   notes=[escape_text(n) for n in report.notes],
+                   placeholders=[escape_text(p) for p in report.placeholders], error=error)
 
 
 def failed_lines(reasons: list[str], st: Style) -> list[str]:

@@ -37,6 +37,13 @@ from .common import (
 )
 
 COMMANDS = (inspect, diff, convert, check, demo)
+EPILOG = """\
+exit status: 0 success, 1 a negative answer (the plan would fail, the checkpoints differ, the
+check failed, verification failed), 2 usage, input or read errors.
+
+'torchgraft COMMAND --help' explains each command with examples; diff, convert and check
+also explain the model-spec syntax (timm:NAME?num_classes=10, transformers:CLASS?config=PATH,
+package.module:callable)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +56,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (one sub-command per module in COMMANDS)."""
     parser = _Parser(prog="torchgraft", description=plain(__doc__.split("\n\n")[0]),
-                     epilog="'torchgraft COMMAND --help' explains each command, with examples")
+                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version",
                         version=f"torchgraft {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")

@@ -1,7 +1,8 @@
 """``torchgraft diff A B``: compare a checkpoint with a model, or two checkpoints.
 
 A and B are each a checkpoint path or a model spec (``timm:NAME``, ``transformers:CLASS...``,
-``module:callable``; an existing path always counts as a checkpoint). Options: ``--json``,
+``package.module:callable``, see 'model specs' below; an existing path always counts as a
+checkpoint). Options: ``--json``,
 ``--values``, ``--min-loaded F``, ``--kwargs JSON`` and ``--select --prefix --rename --no-auto
 --mismatch --strict --trust``.
 

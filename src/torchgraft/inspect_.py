@@ -330,8 +330,11 @@ def provenance(ckpt: Checkpoint) -> tuple[dict[str, Any] | None, dict[str, str]]
     return out[0], out[1] or {}
 
 
-def inspect_checkpoint(source: Any, *, stats: bool = False, trust: bool = False) -> dict[str, Any]:
-    """Everything ``torchgraft inspect`` shows, as a JSON-safe dict (schema ``inspect/1``)."""
+def inspect_checkpoint(source: Any, *, stats: bool = False, trust: bool = False,
+                       progress: bool | None = False) -> dict[str, Any]:
+    """Everything ``torchgraft inspect`` shows, as a JSON-safe dict (schema ``inspect/1``).
+    ``progress``: a bar on stderr while ``stats`` reads the data (None: on a terminal, for big or
+    slow reads; see ``progress.ProgressBar.auto``)."""
     try:
         sd = read(source, trust=trust)
         ckpt, selected = sd.checkpoint, sd.selected
@@ -343,12 +346,19 @@ def inspect_checkpoint(source: Any, *, stats: bool = False, trust: bool = False)
     path = Path(source) if isinstance(source, (str, os.PathLike)) else None
     prov, aliases = provenance(ckpt)
     tensors = []
-    for name, ref in refs.items():
-        row: dict[str, Any] = {"name": name, "shape": list(ref.shape),
-                               "dtype": dtype_name(ref.dtype), "nbytes": ref.nbytes}
-        if stats:
-            row.update(tensor_stats(ref.materialize()))
-        tensors.append(row)
+    bar = _stats_bar(refs, path, progress) if stats else None
+    try:
+        for name, ref in refs.items():
+            row: dict[str, Any] = {"name": name, "shape": list(ref.shape),
+                                   "dtype": dtype_name(ref.dtype), "nbytes": ref.nbytes}
+            if stats:
+                row.update(tensor_stats(ref.materialize()))
+                if bar:
+                    bar.update(ref.nbytes)
+            tensors.append(row)
+    finally:
+        if bar:
+            bar.close()
     return {
         "schema": "torchgraft.inspect/1",
         "file": str(path) if path else "<in-memory>",
@@ -371,6 +381,15 @@ def inspect_checkpoint(source: Any, *, stats: bool = False, trust: bool = False)
         "notes": list(ckpt.notes),
         "stats": stats,
     }
+
+
+def _stats_bar(refs: dict[str, TensorRef], path: Path | None, progress: bool | None) -> Any:
+    from .progress import ProgressBar
+
+    if not ProgressBar.wanted(progress):
+        return None
+    total = sum(r.nbytes for r in refs.values())
+    return ProgressBar.auto(total, progress, label=f"stats {path.name if path else ''}".strip())
 
 
 def element_counts(root: Any, cand: Any) -> dict[str, int | None]:

@@ -2,8 +2,10 @@
 
 Every command prints readable tables on a terminal (colour only on a TTY, never with
 ``NO_COLOR``) and takes ``--json`` for a stable machine-readable schema (documented at the top
-of each command's module). Errors are one line on stderr, ``torchgraft: error: ...``, exit
-status 2; ``--debug`` adds the traceback.
+of each command's module). Errors go to stderr as ``torchgraft: error: ...`` (a message of
+several lines keeps them, indented), exit status 2; ``--debug`` adds the traceback. Every
+command takes ``--progress/--no-progress`` (default: a bar on a terminal for big or slow work)
+and expands ``~`` in its path arguments.
 
 Exit status: 0 success, 1 a negative answer (plan would fail, checkpoints differ, check
 failed, verification failed), 2 usage, input or read errors.
@@ -23,29 +25,46 @@ import traceback
 
 from .. import __version__
 from ..errors import TorchgraftError
-from ..sources import resolve_cli_sources
 from . import check, convert, demo, diff, inspect
-from .common import CliError, escape_text, one_line
+from .common import (
+    CliError,
+    add_progress_options,
+    escape_text,
+    message_lines,
+    one_line,
+    plain,
+    prepare_paths,
+)
 
 COMMANDS = (inspect, diff, convert, check, demo)
+EPILOG = """\
+exit status: 0 success, 1 a negative answer (the plan would fail, the checkpoints differ, the
+check failed, verification failed), 2 usage, input or read errors.
+
+'torchgraft COMMAND --help' explains each command with examples; diff, convert and check
+also explain the model-spec syntax (timm:NAME?num_classes=10, transformers:CLASS?config=PATH,
+package.module:callable)."""
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors become :class:`CliError` (one line, exit 2) instead of usage + exit."""
+    """Usage errors become CliError (one line, exit 2) instead of usage + exit."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise CliError(f"{message} (see '{self.prog} --help')")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (one sub-command per module in :data:`COMMANDS`)."""
-    parser = _Parser(prog="torchgraft", description=__doc__.split("\n\n")[0])
+    """The full argument parser (one sub-command per module in COMMANDS)."""
+    parser = _Parser(prog="torchgraft", description=plain(__doc__.split("\n\n")[0]),
+                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version",
                         version=f"torchgraft {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parent = _Parser(add_help=False)
     parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks on errors")
+    add_progress_options(parser)
+    add_progress_options(parent)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         module.add_parser(sub, parent)
@@ -58,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        resolve_cli_sources(args)  # hf:// ids and URLs in FILE/SRC/A/B become local paths
+        prepare_paths(args)  # ~ expanded; hf:// ids and URLs in FILE/SRC/A/B become local paths
         if getattr(args, "run", None) is None:
             raise CliError("choose a command: inspect, diff, convert, check or demo "
                            "(see 'torchgraft --help')")
@@ -68,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, TorchgraftError) as err:
         if debug:
             traceback.print_exc()
-        print(f"torchgraft: error: {escape_text(one_line(err))}", file=sys.stderr)
+        lines = message_lines(err, indent="  ") or [""]
+        print("\n".join(escape_text(line) for line in
+                        [f"torchgraft: error: {lines[0]}", *lines[1:]]), file=sys.stderr)
         return getattr(err, "code", 2) if isinstance(err, CliError) else 2
     except KeyboardInterrupt:
         print("torchgraft: interrupted", file=sys.stderr)

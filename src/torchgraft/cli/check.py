@@ -28,29 +28,35 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from typing import Any
 
 from ..api import plan
 from ..errors import AmbiguousRenameError
-from ..report import fmt_fraction
+from ..report import LoadReport, fmt_fraction
 from .common import (
     Style,
     add_mapping_options,
     add_model_kwargs,
+    command_help,
+    escape_text,
     mapping_kwargs,
+    message_lines,
     one_line,
     parse_kwargs,
     print_json,
+    terminal_lines,
 )
 from .specs import build_model
 
 
 def add_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("check", parents=[parent], help="check that a checkpoint loads into a "
-                       "model", description=__doc__.split("\n\n")[0])
+                       "model", **command_help(sys.modules[__name__], spec=True))
     p.add_argument("src", metavar="SRC", help="checkpoint file or folder")
     p.add_argument("--model", metavar="SPEC", required=True,
-                   help="the model: timm:NAME, transformers:CLASS?config=..., module:callable")
+                   help="the model: timm:NAME, transformers:CLASS?config=PATH or "
+                   "package.module:callable (see 'model specs' below)")
     add_model_kwargs(p)
     p.add_argument("--min-loaded", metavar="F", type=_fraction, default=0.99,
                    help="fraction of model elements that must load (default 0.99)")
@@ -82,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         reasons.append(f"{len(mism)} tensor(s) match by name but not by shape "
                        "(--mismatch skip loads the rest)")
     elif not report.ok and not (args.strict and names_differ):
-        reasons.append(one_line(report.error or "the load would fail"))
+        reasons.append(str(report.error or "the load would fail"))  # may hold several lines
     if args.strict and names_differ:
         reasons.append(f"--strict: {len(report.missing_keys)} missing and "
                        f"{len(report.unexpected_keys)} unexpected tensor(s)")
@@ -93,17 +99,44 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"schema": "torchgraft.check/1", "ok": not reasons, "exit_code": code,
                     "model": args.model, "min_loaded": args.min_loaded, "strict": args.strict,
-                    "loaded_fraction": report.loaded_fraction, "reasons": reasons,
-                    "report": report.to_dict()})
+                    "loaded_fraction": report.loaded_fraction,
+                    "reasons": [one_line(r) for r in reasons], "report": report.to_dict()})
         return code
     st = Style(sys.stdout)
-    print(str(report))
+    lines = str(_escaped(report)).splitlines()
     if reasons:
-        print(st.red("check FAILED: " + "; ".join(reasons)))
+        lines += failed_lines(reasons, st)
     else:
-        print(st.green(f"check OK: {args.src} loads into {args.model} "
-                       f"({fmt_fraction(report.loaded_fraction)} of its elements)"))
+        lines.append(st.green(f"check OK: {args.src} loads into {args.model} "
+                              f"({fmt_fraction(report.loaded_fraction)} of its elements)"))
+    sys.stdout.write(terminal_lines(lines, st))  # names from the file: no terminal control
     return code
+
+
+def _escaped(report: LoadReport) -> LoadReport:
+    """A copy of ``report`` whose names (from the file) print as single escaped lines, so a
+    newline inside a name cannot start a line of its own; the error keeps its own lines."""
+    def esc(text: str | None) -> str | None:
+        return None if text is None else escape_text(text)
+
+    entries = [replace(e, target=esc(e.target), source=esc(e.source), reason=esc(e.reason) or "")
+               for e in report.entries]
+    error = None if report.error is None else "\n".join(
+        escape_text(line) for line in str(report.error).split("\n"))
+    return replace(report, entries=entries, selected=esc(report.selected) or "",
+                   source=esc(report.source) or "", rules=[escape_text(r) for r in report.rules],
+                   notes=[escape_text(n) for n in report.notes],
+                   placeholders=[escape_text(p) for p in report.placeholders], error=error)
+
+
+def failed_lines(reasons: list[str], st: Style) -> list[str]:
+    """``check FAILED: ...`` with each reason's own lines kept (indented), never squeezed."""
+    if len(reasons) == 1:
+        return [st.red(line) for line in message_lines("check FAILED: " + reasons[0])]
+    lines = [st.red(f"check FAILED ({len(reasons)} reasons):")]
+    for reason in reasons:
+        lines += [st.red("  " + line) for line in message_lines("- " + reason)]
+    return lines
 
 
 def _ambiguous(args: argparse.Namespace, err: AmbiguousRenameError) -> int:
@@ -116,6 +149,7 @@ def _ambiguous(args: argparse.Namespace, err: AmbiguousRenameError) -> int:
                     "report": None})
         return 1
     st = Style(sys.stdout)
-    print(str(err))
-    print(st.red(f"check FAILED: {reason}; pass one of the options above"))
+    lines = str(err).splitlines() + [st.red(f"check FAILED: {reason}; pass one of the options "
+                                            "above")]
+    sys.stdout.write(terminal_lines(lines, st))
     return 1

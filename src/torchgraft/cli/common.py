@@ -32,6 +32,13 @@ def one_line(message: object) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+def message_lines(message: object, indent: str = "  ") -> list[str]:
+    """A (possibly multi-line) message as lines: the first as is, the others indented, blank
+    lines dropped (for text output that keeps a message's own line structure)."""
+    parts = [part.rstrip() for part in str(message).splitlines() if part.strip()]
+    return parts[:1] + [indent + part for part in parts[1:]]
+
+
 # --- colour -----------------------------------------------------------------------------------
 
 
@@ -166,6 +173,116 @@ def table(rows: list[list[str]], indent: int = 2, gap: int = 2) -> list[str]:
 def print_json(obj: Any, stream: TextIO | None = None) -> None:
     """The ``--json`` output: one indented JSON document on stdout."""
     (stream or sys.stdout).write(json.dumps(obj, indent=2, default=str, allow_nan=False) + "\n")
+
+
+# --- help text ----------------------------------------------------------------------------------
+
+_ROLE = re.compile(r":(?:func|class|meth|data|attr|mod|exc|obj):`~?([^`]+)`")
+
+
+def plain(text: str) -> str:
+    """RST markup out of docstring text for ``--help``: ``x`` and :func:`x` become x, a
+    literal-block ``::`` becomes ``:``."""
+    text = _ROLE.sub(r"\1", text)
+    text = text.replace("``", "")
+    return re.sub(r"::$", ":", text, flags=re.M)
+
+
+def command_help(module: Any, *, spec: bool = False) -> dict[str, Any]:
+    """``description``/``epilog``/``formatter_class`` for a sub-command's parser, made from its
+    module docstring: the text without the JSON schema, then the model-spec syntax (when the
+    command takes a model spec) and the examples."""
+    description, examples, skip = [], [], False
+    for para in (module.__doc__ or "").strip().split("\n\n"):
+        if para.startswith("JSON schema"):
+            schema = re.search(r"torchgraft\.\w+/\d+", para)
+            description.append(f"--json prints schema {schema.group(0) if schema else ''} "
+                               f"(fields: python -m pydoc {module.__name__})")
+            skip = True
+            continue
+        if skip and para.startswith("    "):
+            continue  # the schema's indented block
+        skip = False
+        if para.startswith("Example:"):
+            examples += [line.strip() for line in para.splitlines()[1:] if line.strip()]
+        else:
+            description.append(para)
+    epilog = [SPEC_HELP] if spec else []
+    if examples:
+        epilog.append("examples:\n" + "\n".join("  " + line for line in examples))
+    return {"description": plain("\n\n".join(description)), "epilog": "\n\n".join(epilog),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+SPEC_HELP = """\
+model specs (--model SPEC, and A or B of diff):
+  timm:NAME[?KEY=VALUE&...]
+      timm.create_model(NAME, pretrained=False, KEY=VALUE, ...)
+      e.g. timm:resnet18   'timm:convnext_tiny?num_classes=10&in_chans=1'
+  transformers:CLASS?config=PATH[&KEY=VALUE...]
+      a transformers model class built from PATH, a config.json or a model folder
+      (read locally, never downloaded); KEY=VALUE override config fields
+      e.g. 'transformers:BertModel?config=~/models/bert-base/config.json'
+  transformers:CLASS?config=CONFIGCLASS[&KEY=VALUE...]
+      that config class's defaults, with KEY=VALUE overrides
+      e.g. 'transformers:ViTModel?config=ViTConfig&image_size=224'
+  transformers:CLASS?KEY=VALUE[&...]
+      the model's own config class with these fields
+      e.g. 'transformers:ViTModel?hidden_size=192&num_hidden_layers=12'
+      (transformers:CLASS with neither config= nor fields is an error that asks which size;
+      Auto classes such as AutoModel need config=)
+  package.module:CALLABLE[?KEY=VALUE&...]
+      imports package.module (modules in the current folder count, as with python -m) and
+      calls CALLABLE(KEY=VALUE, ...); CALLABLE may be dotted (Class.factory)
+      e.g. 'torch.nn:Linear?in_features=4&out_features=2'   'mypkg.models:build?depth=2'
+  --kwargs JSON adds keyword arguments: --kwargs '{"num_classes": 10}'
+  VALUEs are read as int, float, true/false, none, a JSON list or object, else a string;
+  write & = ? inside a value as %26 %3D %3F. Quote specs with ? or & in the shell.
+  Models get random weights (pretrained=False). An existing file or folder is always a
+  checkpoint, never a spec."""
+
+
+# --- paths and progress ---------------------------------------------------------------------------
+
+PATH_ARGS = ("file", "src", "dst", "a", "b", "dir")
+SOURCE_ARGS = ("file", "src", "a", "b")
+
+
+def add_progress_options(p: argparse.ArgumentParser) -> None:
+    """``--progress/--no-progress``; unset means auto (a bar on a terminal for big or slow
+    work). ``default=SUPPRESS`` so a sub-command's parser does not reset the main one's."""
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS,
+                   help="progress bars on stderr (bytes, rate, ETA) for downloads, inspect "
+                   "--stats, diff --values and convert; default: only on a terminal, for work "
+                   "over about 1 GB or 2 s")
+
+
+def progress_of(args: argparse.Namespace) -> bool | None:
+    """True, False, or None for auto."""
+    return getattr(args, "progress", None)
+
+
+def prepare_paths(args: argparse.Namespace) -> None:
+    """In place: ``~`` expanded in every path argument, then ``hf://`` ids and URLs among the
+    checkpoint arguments resolved to local files (downloading with a progress bar if needed;
+    ``provenance_of(path)`` still says where each came from)."""
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+    remote = [name for name in SOURCE_ARGS if _is_remote(getattr(args, name, None))]
+    if remote:
+        from ..sources import resolve_source
+
+        for name in remote:
+            resolved = resolve_source(getattr(args, name), progress=progress_of(args))
+            setattr(args, name, resolved.path)
+
+
+def _is_remote(value: Any) -> bool:
+    return isinstance(value, str) and value[:8].lower().startswith(
+        ("hf://", "https://", "http://"))
 
 
 # --- options shared by diff, check and convert ------------------------------------------------

@@ -165,8 +165,9 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def checkpoint_diff(a: Any, b: Any, *, select: str | None = None, prefix: str | None = None,
                     rename: Rename = None, auto: bool = True, trust: bool = False,
-                    values: bool = False) -> dict[str, Any]:
-    """Added/removed/changed tensors between two sources (and, with ``values``, values)."""
+                    values: bool = False, progress: bool | None = False) -> dict[str, Any]:
+    """Added/removed/changed tensors between two sources (and, with ``values``, values).
+    ``progress``: a bar on stderr while ``values`` reads the data (None: auto, on a terminal)."""
     notes: list[str] = []
     sa = _read(a, select, trust, notes, "A")
     sb = _read(b, select, trust, notes, "B")
@@ -178,24 +179,17 @@ def checkpoint_diff(a: Any, b: Any, *, select: str | None = None, prefix: str | 
     removed = [row(n, sa.refs[s]) for n, s in a_map.items() if n not in b_map]
     added = [row(n, sb.refs[s]) for n, s in b_map.items() if n not in a_map]
     changed, diffs, same = [], [], 0
-    for name, s in a_map.items():
-        if name not in b_map:
-            continue
-        ra, rb = sa.refs[s], sb.refs[b_map[name]]
-        entry: dict[str, Any] = {"name": name, "a_shape": list(ra.shape),
-                                 "b_shape": list(rb.shape), "a_dtype": row(name, ra)["dtype"],
-                                 "b_dtype": row(name, rb)["dtype"]}
-        if ra.shape != rb.shape or ra.dtype != rb.dtype:
-            if values and ra.shape == rb.shape:
-                entry.update(value_diff(ra.materialize(), rb.materialize()))
-            changed.append(entry)
-            continue
-        if values:
-            ta, tb = ra.materialize(), rb.materialize()
-            if not _bits_equal(ta, tb):
-                diffs.append({"name": name, **value_diff(ta, tb)})
-                continue
-        same += 1
+    pairs = [(name, sa.refs[s], sb.refs[b_map[name]]) for name, s in a_map.items()
+             if name in b_map]
+    bar = _values_bar(pairs, progress) if values else None
+    try:
+        for name, ra, rb in pairs:
+            same += _compare(name, ra, rb, values, changed, diffs)
+            if bar and ra.shape == rb.shape:
+                bar.update(ra.nbytes + rb.nbytes)
+    finally:
+        if bar:
+            bar.close()
     identical = not (removed or added or changed or diffs)
     return {"kind": "checkpoints", "identical": identical,
             "a": {"source": _label(a), "format": sa.format, "selected": sa.selected,
@@ -205,6 +199,38 @@ def checkpoint_diff(a: Any, b: Any, *, select: str | None = None, prefix: str | 
             "rules": a_rules + b_rules, "notes": notes, "removed": removed, "added": added,
             "changed": changed, "values": diffs if values else None, "same": same,
             "values_compared": values}
+
+
+def _dtype(ref: TensorRef) -> str:
+    return str(ref.dtype).replace("torch.", "")
+
+
+def _compare(name: str, ra: TensorRef, rb: TensorRef, values: bool, changed: list[dict],
+             diffs: list[dict]) -> int:
+    """Append ``name`` to ``changed`` or ``diffs`` when it differs; 1 when it is the same."""
+    if ra.shape != rb.shape or ra.dtype != rb.dtype:
+        entry: dict[str, Any] = {"name": name, "a_shape": list(ra.shape),
+                                 "b_shape": list(rb.shape), "a_dtype": _dtype(ra),
+                                 "b_dtype": _dtype(rb)}
+        if values and ra.shape == rb.shape:
+            entry.update(value_diff(ra.materialize(), rb.materialize()))
+        changed.append(entry)
+        return 0
+    if values:
+        ta, tb = ra.materialize(), rb.materialize()
+        if not _bits_equal(ta, tb):
+            diffs.append({"name": name, **value_diff(ta, tb)})
+            return 0
+    return 1
+
+
+def _values_bar(pairs: list[tuple[str, TensorRef, TensorRef]], progress: bool | None) -> Any:
+    from ..progress import ProgressBar
+
+    if not ProgressBar.wanted(progress):
+        return None
+    total = sum(ra.nbytes + rb.nbytes for _, ra, rb in pairs if ra.shape == rb.shape)
+    return ProgressBar.auto(total, progress, label="diff --values")
 
 
 def _label(source: Any) -> str:

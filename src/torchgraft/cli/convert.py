@@ -48,11 +48,13 @@ from .common import (
     Style,
     add_mapping_options,
     add_model_kwargs,
+    command_help,
     fmt_bytes,
     fmt_pct,
     parse_kwargs,
     parse_rename,
     print_json,
+    progress_of,
     terminal_lines,
 )
 from .specs import build_model
@@ -60,7 +62,7 @@ from .specs import build_model
 
 def add_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("convert", parents=[parent], help="write a state dict to a new file",
-                       description=__doc__.split("\n\n")[0])
+                       **command_help(sys.modules[__name__], spec=True))
     p.add_argument("src", metavar="SRC", help="checkpoint file or folder (never modified)")
     p.add_argument("dst", metavar="DST", help="output: *.safetensors (preferred) or *.pth")
     add_mapping_options(p, "select", "prefix", "rename", "trust")
@@ -71,7 +73,8 @@ def add_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                    help="cast floating-point tensors")
     p.add_argument("--model", metavar="SPEC",
-                   help="write what loading into this model would use, under its names")
+                   help="write what loading into this model would use, under its names "
+                   "(a model spec, see 'model specs' below)")
     add_model_kwargs(p)
     p.add_argument("--verify", action="store_true", help="re-read DST and compare bit for bit")
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     result = convert(args.src, args.dst, select=args.select, prefix=args.prefix,
                      rename=rename, drop=args.drop, keep=args.keep, dtype=args.dtype,
                      model=model, model_spec=args.model, verify=args.verify, force=args.force,
-                     trust=args.trust)
+                     trust=args.trust, progress=progress_of(args))
     after = plan(model, args.dst) if model is not None else None  # DST, with no options
     ok = result.verified is not False and (after is None or after.ok)
     if args.json:

@@ -19,12 +19,12 @@ import sys
 from typing import Any
 
 from ..demo import run_demo
-from .common import CliError, print_json
+from .common import CliError, command_help, print_json
 
 
 def add_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("demo", parents=[parent], help="run the built-in demo scenarios",
-                       description=__doc__.split("\n\n")[0])
+                       **command_help(sys.modules[__name__]))
     p.add_argument("--dir", metavar="DIR", help="write the demo checkpoints here and keep them")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)

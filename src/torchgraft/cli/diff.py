@@ -1,7 +1,8 @@
 """``torchgraft diff A B``: compare a checkpoint with a model, or two checkpoints.
 
 A and B are each a checkpoint path or a model spec (``timm:NAME``, ``transformers:CLASS...``,
-``module:callable``; an existing path always counts as a checkpoint). Options: ``--json``,
+``package.module:callable``, see 'model specs' below; an existing path always counts as a
+checkpoint). Options: ``--json``,
 ``--values``, ``--min-loaded F``, ``--kwargs JSON`` and ``--select --prefix --rename --no-auto
 --mismatch --strict --trust``.
 
@@ -65,10 +66,12 @@ from .common import (
     Style,
     add_mapping_options,
     add_model_kwargs,
+    command_help,
     fmt_shape,
     mapping_kwargs,
     parse_kwargs,
     print_json,
+    progress_of,
     table,
     terminal_lines,
 )
@@ -80,9 +83,10 @@ MAX_LINES = 12
 
 def add_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("diff", parents=[parent], help="compare a checkpoint with a model or "
-                       "another checkpoint", description=__doc__.split("\n\n")[0])
-    p.add_argument("a", metavar="A", help="checkpoint path or model spec")
-    p.add_argument("b", metavar="B", help="checkpoint path or model spec")
+                       "another checkpoint", **command_help(sys.modules[__name__], spec=True))
+    p.add_argument("a", metavar="A", help="checkpoint path (or hf:// id, URL) or model spec "
+                   "(see 'model specs' below)")
+    p.add_argument("b", metavar="B", help="checkpoint path or model spec, as A")
     p.add_argument("--values", action="store_true",
                    help="checkpoint vs checkpoint: also compare values")
     p.add_argument("--min-loaded", metavar="F", type=_fraction, default=None,
@@ -119,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         b = build_model(args.b, kwargs) if b_spec else args.b
         d = checkpoint_diff(a, b, select=options["select"], prefix=options["prefix"],
                             rename=options["rename"], auto=options["auto"],
-                            trust=options["trust"], values=args.values)
+                            trust=options["trust"], values=args.values,
+                            progress=progress_of(args))
         d["a"]["source"], d["b"]["source"] = args.a, args.b
         out = {"schema": "torchgraft.diff/1", **d, "exit_code": 0 if d["identical"] else 1}
         lines = _ckpt_text(d, st)

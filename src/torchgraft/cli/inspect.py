@@ -43,7 +43,17 @@ import sys
 from typing import Any
 
 from ..inspect_ import inspect_checkpoint
-from .common import Style, escape_tree, fmt_bytes, fmt_count, fmt_shape, print_json, table
+from .common import (
+    Style,
+    command_help,
+    escape_tree,
+    fmt_bytes,
+    fmt_count,
+    fmt_shape,
+    print_json,
+    progress_of,
+    table,
+)
 
 MAX_ROWS = 200
 MAX_STATS_ROWS = 400
@@ -51,7 +61,7 @@ MAX_STATS_ROWS = 400
 
 def add_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("inspect", parents=[parent], help="show what a checkpoint holds",
-                       description=__doc__.split("\n\n")[0])
+                       **command_help(sys.modules[__name__]))
     p.add_argument("file", metavar="FILE", help="checkpoint file or folder")
     p.add_argument("--stats", action="store_true",
                    help="read the data: min/max/mean/std, NaN/Inf counts, all-zero tensors")
@@ -61,7 +71,8 @@ def add_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = inspect_checkpoint(args.file, stats=args.stats, trust=args.trust)
+    info = inspect_checkpoint(args.file, stats=args.stats, trust=args.trust,
+                              progress=progress_of(args))
     if args.json:
         print_json(info)
     else:

@@ -9,8 +9,10 @@
 ``package.module`` is imported as by ``python -m``: modules in the current folder count.
 Query values are parsed as int, float, bool (true/false), none, JSON lists/objects, else
 strings. Models start with random weights; nothing is ever downloaded (``pretrained`` is always
-False and ``HF_HUB_OFFLINE=1``). Models are built on the meta device when the constructor
-allows it (shapes only, instant), else on the CPU.
+False and transformers configs are read with ``local_files_only=True``). ``~`` in ``config=`` is
+expanded. Models are built on the meta device when the constructor allows it (shapes only,
+instant), else on the CPU. ``torchgraft check --help`` shows this syntax with examples
+(``common.SPEC_HELP``: keep the two in step).
 
 Example:
     >>> m = build_model("torch.nn:Linear?in_features=4&out_features=2")
@@ -149,6 +151,8 @@ def _transformers(s: ModelSpec, params: dict[str, Any]):
         raise _missing("transformers") from None
     cls = _hf_attr(transformers, s.target, "model class")
     config_ref = params.pop("config", None)
+    if isinstance(config_ref, str) and config_ref.startswith("~"):
+        config_ref = os.path.expanduser(config_ref)
     if config_ref is None:
         config_class = getattr(cls, "config_class", None)
         if config_class is None or not params:

@@ -189,3 +189,17 @@ def test_inspect_counts_buffers_apart_when_the_file_tells(tmp_path, capsys):
     assert code == 0 and f"{n_params + n_buffers} elements" in out and "params" not in out
     code, out, _ = run(capsys, "inspect", tmp_path / "whole.pt")
     assert code == 0 and f"{n_params} params + {n_buffers} buffers" in out
+
+
+def test_placeholder_repr_shows_what_the_file_recorded(tmp_path):
+    import argparse
+
+    torch.save({"state_dict": {"w": torch.ones(1)},
+                "hparams": argparse.Namespace(num_classes=10, lr=0.1)}, tmp_path / "ns.pth")
+    hparams = tg.read(tmp_path / "ns.pth").checkpoint.root["hparams"]
+    assert repr(hparams) == "<not executed: argparse.Namespace(num_classes=10, lr=0.1)>"
+    shared: list = []
+    for _ in range(40):  # a hostile value: repr stays short and fast
+        shared = [shared, shared]
+    hostile = type(hparams)(shared)
+    assert len(repr(hostile)) <= 320

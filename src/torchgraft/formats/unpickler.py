@@ -99,7 +99,19 @@ class Placeholder:
         return self._tg.get("list", [])
 
     def __repr__(self) -> str:
-        return f"<not executed: {self.qualname}>"
+        """``<not executed: argparse.Namespace(num_classes=10, lr=0.1)>``: the recorded
+        arguments and state, bounded (never the file's own ``__repr__``)."""
+        tg = object.__getattribute__(self, "_tg")
+        state, parts = tg.get("state"), [brief(a, 1) for a in tg.get("args", ())[:8]]
+        if isinstance(state, dict) and all(isinstance(k, str) for k in
+                                           itertools.islice(state, 64)):
+            parts += [f"{k}={brief(v, 1)}" for k, v in itertools.islice(state.items(), 12)]
+            if len(state) > 12:
+                parts.append("...")
+        elif state is not None:
+            parts.append(f"state={brief(state, 1)}")
+        text = f"{self.qualname}({', '.join(parts)})" if parts else self.qualname
+        return f"<not executed: {text if len(text) <= 300 else text[:297] + '...'}>"
 
 
 class _LoadContext:
@@ -204,7 +216,9 @@ def brief(value: Any, depth: int = 0) -> str:
     if isinstance(value, (str, bytes, int, float, complex, bool, type(None), torch.dtype)):
         text = repr(value)
         return text if len(text) <= 60 else text[:57] + "..."
-    if isinstance(value, (Placeholder, StorageType)) or isinstance(value, type):
+    if isinstance(value, Placeholder):
+        return f"<not executed: {value.qualname}>"[:80] if depth else repr(value)[:80]
+    if isinstance(value, StorageType) or isinstance(value, type):
         return repr(value)[:80]
     return f"<{type(value).__name__}>"
 

@@ -278,3 +278,20 @@ def test_timm_features_only_convnext_is_mapped_stage_by_stage_or_refused(wrap):
         assert torch.equal(v, flat[k]), k
     assert _rule_count(report) == report.counts["copied"]
     assert f"rename '{wrap}stages.{{0..3}}.' -> 'stages_{{0..3}}.'" in report.rules[0]
+
+
+def test_many_siblings_never_cut_to_the_alphabetically_first():
+    """More prefix candidates than the search keeps: a tie at the cut is never decided by the
+    alphabet (lpips' lin0..lin6, two of them of the model's shape)."""
+    class OneLayer(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, bias=False))
+
+    widths = [64, 128, 256, 384, 384, 512, 512]
+    sd = {f"lin{i}.model.1.weight": torch.randn(1, c, 1, 1) for i, c in enumerate(widths)}
+    for width, twins in ((384, ("lin3", "lin4")), (512, ("lin5", "lin6"))):
+        model = OneLayer(width)
+        with pytest.raises(tg.AmbiguousRenameError) as err:
+            tg.load(model, sd)
+        assert all(f"prefix='{t}'" in str(err.value) for t in twins)

@@ -107,9 +107,13 @@ def test_failed_check_lists_the_mismatches(tmp_path, capsys):
     torch.save({"state_dict": other.state_dict()}, tmp_path / "ten.pth")
     code, out, _ = run(capsys, "check", tmp_path / "ten.pth", "--model", SPEC)
     assert code == 1
-    failed = [ln for ln in out.splitlines() if "FAILED" in ln]
-    assert failed and all(not ln.rstrip().endswith(":") for ln in failed)
-    assert any("2.weight: checkpoint [10, 4] vs model [64, 4]" in ln for ln in failed)
+    lines = out.splitlines()
+    failed = [i for i, ln in enumerate(lines) if "FAILED" in ln]
+    assert failed
+    for i in failed:  # a line ending in ':' is followed by what it announces
+        if lines[i].rstrip().endswith(":"):
+            assert i + 1 < len(lines) and lines[i + 1].strip(), lines[i]
+    assert "2.weight: checkpoint [10, 4] vs model [64, 4]" in out
 
 
 # --- diff --min-loaded and partial loads -------------------------------------------------------

@@ -409,20 +409,7 @@ def test_lpips_prefix_picks_one_of_same_shaped_layers(unpacked: Callable[[Pin], 
     assert report.ok and not report.missing_keys and not report.unexpected_keys
 
 
-@pytest.mark.parametrize("net", [
-    pytest.param("alex", marks=pytest.mark.xfail(strict=True, reason=(
-        "torchgraft bug (issue 13, section 3): lpips/weights/v0.1/alex.pth into NetLinLayer(256, "
-        "use_dropout=True), built to take lin4 (lin3 and lin4 are both [1, 256, 1, 1]): tg.load "
-        "applies \"auto: strip 'lin3.'\" (the alphabetically first), loads lin3's weight, reports "
-        "ok=True and 100% and calls lin4 unexpected; it should raise AmbiguousRenameError naming "
-        "lin3 and lin4 and the prefix= that picks each"))),
-    pytest.param("squeeze", marks=pytest.mark.xfail(strict=True, reason=(
-        "torchgraft bug (issue 13, section 3): lpips/weights/v0.1/squeeze.pth into NetLinLayer(512, "
-        "use_dropout=True) (lin5 and lin6 are both [1, 512, 1, 1]): tg.load raises "
-        "NothingToLoadError whose hint says \"checkpoint names are model names with 'lin0.' in "
-        "front: pass prefix='lin0' (or leave auto=True)\" although lin0 is [1, 64, 1, 1] and auto "
-        "was on; it should raise AmbiguousRenameError naming lin5 and lin6"))),
-])
+@pytest.mark.parametrize("net", ["alex", "squeeze"])
 def test_lpips_same_shaped_layers_are_not_guessed(unpacked: Callable[[Pin], Path], imports: None,
                                                   net: str) -> None:
     root = unpacked(LPIPS)

@@ -274,7 +274,10 @@ def _prefix_candidates(names: list[str]) -> list[str]:
             counts[acc] += 1
     floor = max(1, len(names) // 10)
     ranked = sorted((p for p, c in counts.items() if c >= floor), key=lambda p: (-counts[p], p))
-    return [""] + ranked[:MAX_CANDIDATES]
+    if len(ranked) > MAX_CANDIDATES:  # never cut through a tie: that would pick alphabetically
+        last = counts[ranked[MAX_CANDIDATES - 1]]
+        ranked = [p for p in ranked if counts[p] >= last]
+    return [""] + ranked
 
 
 def _component_prefixes(names: Mapping[str, Shape]) -> set[str]:

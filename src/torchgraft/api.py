@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import os
 import sys
 import warnings
@@ -45,6 +44,7 @@ from .plan import (
     MISMATCH_MODES,
     Copy,
     Slot,
+    loaded_fraction,
     low_load_cause,
     make_plan,
     model_slots,
@@ -402,6 +402,7 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
     p = make_plan(slots, refs, names, opts.mismatch, classifiers, _adapter(model, opts, rules))
     tolerated |= p.tolerated
     entries = _merge(p.entries, native_entries, groups) if groups else p.entries
+    all_slots = model_slots(model) if groups else slots
     report = LoadReport(
         entries=entries, selected=cand.path, format=ckpt.format,
         source=str(ckpt.path) if ckpt.path else "<in-memory>",
@@ -410,7 +411,7 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
                        "matched": c.fit[1] if c.fit and c.fit[1] >= 0 else None}
                       for c in ranked if c is not cand],
         placeholders=list(ckpt.placeholders),
-        loaded_fraction=_loaded_fraction(model_slots(model) if groups else slots, entries)
+        loaded_fraction=loaded_fraction(all_slots, _loaded_groups(all_slots, entries))
         if groups else p.loaded_fraction,
         options=opts.describe(),
     )
@@ -572,16 +573,8 @@ def _merge(plain: list[Entry], native: list[Entry], groups: list[NativeGroup]) -
     return model_part + rest
 
 
-def _loaded_fraction(slots: dict[str, Slot], entries: list[Entry]) -> float:
-    sizes: dict[int, int] = {}
-    for slot in slots.values():
-        sizes[slot.group] = math.prod(slot.shape)
-    total = sum(sizes.values())
-    if total == 0:
-        return 1.0 if not slots else 0.0
-    loaded = {slots[e.target].group for e in entries
-              if e.target in slots and e.action in LOADED}
-    return sum(sizes[g] for g in loaded) / total
+def _loaded_groups(slots: dict[str, Slot], entries: list[Entry]) -> set[int]:
+    return {slots[e.target].group for e in entries if e.target in slots and e.action in LOADED}
 
 
 def _describe(rename: Rename) -> Any:

@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -211,7 +211,7 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
         plan.entries.append(Entry(None, src, action, ref.shape, None, _dtype(ref.dtype), None,
                                   reason))
     plan.copies = list(copies.values())
-    plan.loaded_fraction = _loaded_fraction(slots, copies)
+    plan.loaded_fraction = loaded_fraction(slots, copies)
     return plan
 
 
@@ -230,14 +230,15 @@ def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if b else a
 
 
-def _loaded_fraction(slots: dict[str, Slot], copies: dict[int, Copy]) -> float:
+def loaded_fraction(slots: dict[str, Slot], loaded_groups: Iterable[int]) -> float:
+    """Fraction of the model's elements (tied tensors counted once) in ``loaded_groups``."""
     sizes: dict[int, int] = {}
     for slot in slots.values():
         sizes[slot.group] = math.prod(slot.shape)
     total = sum(sizes.values())
     if total == 0:
         return 1.0 if not slots else 0.0
-    return sum(sizes[g] for g in copies) / total
+    return sum(sizes[g] for g in set(loaded_groups)) / total
 
 
 def plan_error(report: LoadReport, n_source: int, mismatch: str | None, strict: bool,

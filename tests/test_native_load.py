@@ -188,10 +188,26 @@ CASES = [
         nn.Linear(5, 3)))),
     Case("0-dim from 1-element", lambda: _Scalar(), lambda: {"s": torch.tensor([3.5])}),
     Case("quantized Linear", _quantized_linear, lambda: _quantized_linear().state_dict()),
+    Case("sparse COO buffer", lambda: SparseBuffer(), lambda: _sparse_src()),
     Case("mismatch skipped inside a hooked module", lambda: nn.Sequential(Resizing(4),
                                                                         nn.Linear(4, 10)),
          lambda: _sd(nn.Sequential(Resizing(4), nn.Linear(4, 1000))), {"mismatch": "skip"}),
 ]
+
+
+class SparseBuffer(nn.Module):
+    """A sparse COO buffer: torch's own copy_ loads it; torchgraft routes it natively."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("adj", torch.zeros(4, 4).to_sparse())
+        self.lin = nn.Linear(4, 4)
+
+
+def _sparse_src() -> dict[str, Any]:
+    m = SparseBuffer()
+    m.adj = (torch.eye(4) * 3).to_sparse()
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
 class _Scalar(nn.Module):
@@ -203,7 +219,9 @@ class _Scalar(nn.Module):
 def _state(model: nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in model.state_dict().items():
-        if isinstance(v, torch.Tensor) and v.is_quantized:
+        if isinstance(v, torch.Tensor) and v.layout != torch.strided:
+            out[k] = (str(v.layout), v.to_dense())
+        elif isinstance(v, torch.Tensor) and v.is_quantized:
             out[k] = (v.int_repr(), v.q_scale() if v.qscheme() == torch.per_tensor_affine
                       else v.q_per_channel_scales())
         else:

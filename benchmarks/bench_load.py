@@ -311,6 +311,10 @@ def _imports(loader: str, spec: dict[str, Any]) -> dict[str, Any]:
     elif loader.startswith("torchgraft"):
         import torchgraft  # on PYTHONPATH via _child_env() when not installed
 
+        # torchgraft imports its pipeline on first use: import it here, outside the timed
+        # load, as every peer's imports are
+        for name in ("load", "plan", "read"):
+            getattr(torchgraft, name)
         mods["torchgraft"] = torchgraft
     return mods
 

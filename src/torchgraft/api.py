@@ -476,10 +476,34 @@ def _node_at(source: Source, root: Any, path: str) -> Any:
     return node
 
 
+class _MappedMetadata(Mapping):
+    """The file's per-module ``_metadata`` with module paths renamed like the tensors were;
+    built on first look-up (only BatchNorm-like modules and native sub-trees ask)."""
+
+    def __init__(self, metadata: Mapping, names: NameMap) -> None:
+        self._source, self._names, self._built = metadata, names, None
+
+    def _table(self) -> dict[str, Any]:
+        if self._built is None:
+            self._built = _map_metadata(self._source, self._names)
+        return self._built
+
+    def __getitem__(self, key: str) -> Any:
+        return self._table()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
 def _mapped_metadata(metadata: Any, names: NameMap) -> Any:
-    """The file's per-module ``_metadata`` with module paths renamed like the tensors were."""
-    if not isinstance(metadata, Mapping):
-        return None
+    """``_MappedMetadata`` of the file's ``_metadata``, or None when it has none."""
+    return _MappedMetadata(metadata, names) if isinstance(metadata, Mapping) else None
+
+
+def _map_metadata(metadata: Mapping, names: NameMap) -> dict[str, Any]:
     paths: dict[str, str] = {}
     for src, tgt in names.target.items():
         s_parent, _, s_leaf = src.rpartition(".")

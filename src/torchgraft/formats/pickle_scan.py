@@ -48,10 +48,11 @@ def _lit(byte: int) -> bytes:
     return re.escape(bytes([byte]))
 
 
-def _counted(op: bytes, width: int) -> bytes:
-    """``op``, a little-endian length under 256 in ``width`` bytes, then that many bytes."""
+def _counted(op: bytes, width: int, below: int = 128) -> bytes:
+    """``op``, a little-endian length under ``below`` in ``width`` bytes, then that many bytes
+    (longer strings take the slow path; each alternative costs regex compile time)."""
     pad = b"\\x00" * (width - 1)
-    alts = [_lit(n) + pad + (_ANY + b"{%d}" % n if n else b"") for n in range(256)]
+    alts = [_lit(n) + pad + (_ANY + b"{%d}" % n if n else b"") for n in range(below)]
     return re.escape(op) + b"(?:" + b"|".join(alts) + b")"
 
 

@@ -132,3 +132,31 @@ def test_position_embedding_non_square_source_is_refused() -> None:
     assert torch.equal(model.pos_embed, before)
     with pytest.raises(tg.ShapeMismatchError, match="pos_embed"):
         tg.load(model, src.state_dict(), adapt=False)
+
+
+def test_token_rows_only_when_asked_keep_rows_and_fill_new_ones() -> None:
+    tf = pytest.importorskip("transformers")
+
+    def bert(vocab: int, seed: int):
+        torch.manual_seed(seed)
+        return tf.BertModel(tf.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=64))
+
+    sd = bert(100, 0).state_dict()
+    old = sd["embeddings.word_embeddings.weight"]
+    grown = bert(120, 1)
+    own = grown.embeddings.word_embeddings.weight.detach().clone()
+    with pytest.raises(tg.ShapeMismatchError, match="word_embeddings"):
+        tg.load(grown, sd)  # not by default: the policy for vocabulary changes
+    report = tg.load(grown, sd, adapt=["token_rows"])
+    w = grown.embeddings.word_embeddings.weight
+    assert torch.equal(w[:100], old) and torch.equal(w[100:], own[100:])
+    (entry,) = report.by_action("adapted")
+    assert entry.source_shape == (100, 32) and entry.target_shape == (120, 32)
+    mean = bert(120, 2)
+    tg.load(mean, sd, adapt=["token_rows_mean"])
+    assert torch.allclose(mean.embeddings.word_embeddings.weight[100:],
+                          old.mean(0, keepdim=True).expand(20, 32))
+    shrunk = bert(80, 3)
+    tg.load(shrunk, sd, adapt=["token_rows"])
+    assert torch.equal(shrunk.embeddings.word_embeddings.weight, old[:80])

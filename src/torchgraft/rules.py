@@ -132,8 +132,32 @@ class TransformersRules:
         raise OptionError("filter='transformers': transformers' names are mapped by auto=True; "
                           "there is no separate filter")
 
-    def roles(self, model: torch.nn.Module) -> dict[str, str]:
-        return {}
+    def roles(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The input and (untied) output token embeddings, from the model's own API."""
+        try:
+            from transformers import PreTrainedModel
+        except ImportError:
+            return {}
+        from .transforms import Role
+
+        inner = getattr(model, "_orig_mod", model)
+        if not isinstance(inner, PreTrainedModel):
+            return {}
+        wanted = []
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            try:
+                module = getattr(inner, getter)()
+            except Exception:  # some models raise NotImplementedError
+                module = None
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.nn.Parameter):
+                wanted.append(weight)
+        prefix = "_orig_mod." if inner is not model else ""
+        out: dict[str, Any] = {}
+        for name, param in inner.named_parameters(remove_duplicate=False):
+            if any(param is w for w in wanted):
+                out[prefix + name] = Role("token_embedding", (("param", param),))
+        return out
 
 
 _RULES: list[FrameworkRules] = [TimmRules(), TransformersRules()]

@@ -262,7 +262,56 @@ class PositionEmbedding:
         return [resample_grid((side, side), (grid[0], grid[1]), prefix)]
 
 
-_ADAPTERS: list[Adapter] = [InputChannels(), PositionEmbedding()]
+def resize_rows(n_dst: int, fill: str, model_rows: Callable[[], torch.Tensor] | None) -> Op:
+    """Token-embedding rows (dim 0) to ``n_dst``: the rows that exist are copied; new rows are
+    the model's own (``fill="model"``) or the mean of the checkpoint's rows (``"mean"``,
+    transformers' ``mean_resizing``), computed in float32."""
+
+    def fn(w: torch.Tensor) -> torch.Tensor:
+        if w.is_meta:
+            return torch.empty((n_dst,) + tuple(w.shape[1:]), dtype=w.dtype, device="meta")
+        if n_dst <= w.shape[0]:
+            return w[:n_dst].clone()
+        extra = n_dst - w.shape[0]
+        if fill == "mean":
+            new = w.float().mean(0, keepdim=True).expand(extra, *w.shape[1:]).to(w.dtype)
+        else:
+            own = model_rows() if model_rows is not None else None
+            if own is None or own.is_meta:
+                from .errors import UnsupportedTargetError
+
+                raise UnsupportedTargetError(
+                    "token_rows: the model's own rows are not available (a meta-device model); "
+                    "pass adapt=['token_rows_mean'] to fill new rows with the mean")
+            new = own[w.shape[0]:n_dst].detach().to("cpu", w.dtype)
+        return torch.cat([w, new], 0)
+
+    return Op("resize_rows", fn, {"to": n_dst, "new_rows": fill})
+
+
+class TokenRows:
+    """Token embeddings (vocabulary grown or shrunk): only when asked for, by name."""
+
+    roles = ("token_embedding",)
+    default = False
+
+    def __init__(self, fill: str) -> None:
+        self.fill = fill
+        self.name = "token_rows" if fill == "model" else "token_rows_mean"
+
+    def propose(self, name: str, role: Any, src_shape: tuple[int, ...],
+                dst_shape: tuple[int, ...]) -> list[Op] | None:
+        if kind_of(role) != "token_embedding" or len(src_shape) != 2:
+            return None
+        if src_shape[1:] != dst_shape[1:] or src_shape[0] == dst_shape[0]:
+            return None
+        param = role.get("param") if isinstance(role, Role) else None
+        return [resize_rows(dst_shape[0], self.fill, (lambda: param) if param is not None
+                            else None)]
+
+
+_ADAPTERS: list[Adapter] = [InputChannels(), PositionEmbedding(), TokenRows("model"),
+                            TokenRows("mean")]
 
 
 def register_adapter(adapter: Adapter, first: bool = True) -> None:

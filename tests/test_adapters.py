@@ -160,3 +160,70 @@ def test_token_rows_only_when_asked_keep_rows_and_fill_new_ones() -> None:
     shrunk = bert(80, 3)
     tg.load(shrunk, sd, adapt=["token_rows"])
     assert torch.equal(shrunk.embeddings.word_embeddings.weight, old[:80])
+
+
+# --- property tests: every adapter guess recovers the truth or refuses ----------------------
+
+import math  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from torchgraft.transforms import PositionEmbedding, Role  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(old=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+       new=st.tuples(st.integers(1, 9), st.integers(1, 9)), prefix=st.integers(0, 4))
+def test_position_embedding_grid_is_recovered_or_refused(old, new, prefix) -> None:
+    """The old grid is inferred from the token count under the documented assumption every
+    framework makes (timm, mmpretrain, transformers): the pretrained grid is square. Square grids
+    are resampled exactly as timm does; a count that is no square is refused, never guessed as a
+    rectangle. (A rectangular grid whose count happens to be square, e.g. 1x4, cannot be told
+    apart from the file: the report says "assumed square".)"""
+    from timm.layers import resample_abs_pos_embed
+
+    if old[0] != old[1] and math.isqrt(old[0] * old[1]) ** 2 == old[0] * old[1]:
+        old = (math.isqrt(old[0] * old[1]),) * 2  # indistinguishable: the assumption applies
+    pe = torch.randn(1, prefix + old[0] * old[1], 8)
+    role = Role("pos_embed", (("grid", new), ("prefix_tokens", prefix)))
+    dst = (1, prefix + new[0] * new[1], 8)
+    if tuple(pe.shape) == dst:
+        return  # shapes fit: no adapter is asked
+    try:
+        ops = PositionEmbedding().propose("pos_embed", role, tuple(pe.shape), dst)
+    except tg.UnsupportedTargetError:
+        assert old[0] != old[1]  # refused only when the source grid is not square
+        return
+    assert old[0] == old[1] and ops is not None and "assumed square" in ops[0].describe()
+    got = TransformRef(MemoryRef(pe), ops).materialize()
+    assert torch.equal(got, resample_abs_pos_embed(pe, new_size=list(new),
+                                                   num_prefix_tokens=prefix))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(widths=st.lists(st.integers(2, 6), min_size=2, max_size=4), which=st.integers(0, 3),
+       chans=st.integers(1, 5))
+def test_only_the_input_convolution_is_adapted(widths, which, chans) -> None:
+    """A conv stack whose checkpoint differs in the input channels of one conv: the first conv
+    is adapted (its sum/repeat rule), any other conv is a refused shape mismatch."""
+    which %= len(widths)
+
+    def stack(ins: list[int]) -> torch.nn.Sequential:
+        return torch.nn.Sequential(*[torch.nn.Conv2d(i, o, 3) for i, o in zip(ins, widths)])
+
+    ins = [3] + widths[:-1]
+    src = stack(ins)
+    changed = list(ins)
+    changed[which] = chans if chans != ins[which] else ins[which] + 1
+    model = stack(changed)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if which == 0:
+        report = tg.load(model, src.state_dict())
+        assert [e.target for e in report.by_action("adapted")] == ["0.weight"]
+        expected = adapt_channels(3, changed[0]).fn(src[0].weight.detach())
+        assert torch.equal(model[0].weight, expected)
+    else:
+        with pytest.raises(tg.ShapeMismatchError, match=f"{which}.weight"):
+            tg.load(model, src.state_dict())
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

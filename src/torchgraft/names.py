@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import AmbiguousRenameError, PrefixNotFoundError, RenameError
@@ -263,15 +263,18 @@ class _Rule:
         return any(owner.get(t, s) != s for s, t in other.hits.items())
 
 
+def _leading(name: str) -> Iterator[str]:
+    """``'a.'``, ``'a.b.'``... of ``name`` (up to MAX_DEPTH components, never the whole name)."""
+    parts = name.split(".")
+    acc = ""
+    for part in parts[: min(MAX_DEPTH, len(parts) - 1)]:
+        acc += part + "."
+        yield acc
+
+
 def _prefix_candidates(names: list[str]) -> list[str]:
     """Leading component runs (``'module.'``, ``'module.backbone.'``...) worth trying."""
-    counts: Counter[str] = Counter()
-    for name in names:
-        parts = name.split(".")
-        acc = ""
-        for part in parts[: min(MAX_DEPTH, len(parts) - 1)]:
-            acc += part + "."
-            counts[acc] += 1
+    counts: Counter[str] = Counter(p for name in names for p in _leading(name))
     floor = max(1, len(names) // 10)
     ranked = sorted((p for p, c in counts.items() if c >= floor), key=lambda p: (-counts[p], p))
     if len(ranked) > MAX_CANDIDATES:  # never cut through a tie: that would pick alphabetically
@@ -281,14 +284,7 @@ def _prefix_candidates(names: list[str]) -> list[str]:
 
 
 def _component_prefixes(names: Mapping[str, Shape]) -> set[str]:
-    out: set[str] = set()
-    for name in names:
-        parts = name.split(".")
-        acc = ""
-        for part in parts[: min(MAX_DEPTH, len(parts) - 1)]:
-            acc += part + "."
-            out.add(acc)
-    return out
+    return {p for name in names for p in _leading(name)}
 
 
 def _canonical(strip: str, add: str) -> tuple[str, str]:

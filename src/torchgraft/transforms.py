@@ -225,7 +225,8 @@ def resample_grid(old: tuple[int, int], new: tuple[int, int], prefix: int,
         x = x.permute(0, 2, 3, 1).reshape(grid.shape[0], -1, dim).to(pe.dtype)
         return torch.cat([head, x], dim=1) if prefix else x
 
-    return Op("resample_grid", fn, {"from": f"{old[0]}x{old[1]}", "to": f"{new[0]}x{new[1]}",
+    return Op("resample_grid", fn, {"from": f"{old[0]}x{old[1]} (assumed square)",
+                                    "to": f"{new[0]}x{new[1]}",
                                     "prefix_tokens": prefix, "mode": mode,
                                     "antialias": antialias})
 

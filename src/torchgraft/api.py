@@ -36,12 +36,12 @@ from .names import NameMap, Rename, map_names
 from .native_load import NativeGroup, apply_group, check_writable, find_native, plan_group
 from .native_split import mapped_metadata, merge_entries, node_at, split_native
 from .plan import (
-    _QUANTIZED,
     DEFAULT_MISMATCH,
     LOADED,
     MISMATCH_MODES,
     Copy,
     Slot,
+    kind_error,
     loaded_fraction,
     low_load_cause,
     make_plan,
@@ -422,41 +422,11 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
     if any(a["ema"] for a in report.alternatives) and not cand.is_ema:
         report.notes.append("the file also holds an EMA copy of the weights; pass select= to "
                             "load it")
-    error = _kind_error(p.copies, report) or plan_error(
+    error = kind_error(p.copies, report) or plan_error(
         report, len(cand.tensors), opts.mismatch, opts.strict, tolerated, opts.min_loaded)
     if error is not None:
         report.ok, report.error = False, str(error)
     return _Planned(report, p.copies, groups, error)
-
-
-def _kind_error(copies: list[Copy], report: LoadReport) -> Exception | None:
-    """Tensor kinds (read from the file) that cannot go into a plain dense model tensor;
-    ``load_state_dict`` refuses them too. Plain targets only: other targets load natively."""
-    from .formats.tensor_kinds import ComputedRef
-
-    bad = []
-    for copy in copies:
-        ref = copy.ref
-        if not isinstance(ref, ComputedRef):
-            continue
-        target = copy.slots[0]
-        why = None
-        if not ref.has_values:
-            why = "has no values (a meta tensor)"
-        elif ref.dtype in _QUANTIZED:
-            why = "is quantized; dequantize it, or load into a quantized model"
-        elif "nested" in ref.kind:
-            why = "is a nested tensor"
-        if why:
-            bad.append(f"  {copy.source} ({ref.kind}) into {target.name} "
-                       f"({str(target.dtype).replace('torch.', '')} {list(target.shape)}): {why}")
-    if not bad:
-        return None
-    return UnsupportedTargetError(
-        f"{len(bad)} checkpoint tensor(s) cannot be loaded into plain model tensors (torch's "
-        "load_state_dict refuses them too):\n" + "\n".join(bad)
-        + "\nThe model was not changed. Pass rename=/prefix= to leave them out, or build the "
-        "model of the matching kind.", report)
 
 
 def _loaded_groups(slots: dict[str, Slot], entries: list[Entry]) -> set[int]:

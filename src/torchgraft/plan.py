@@ -28,6 +28,7 @@ from .errors import (
     OptionError,
     ShapeMismatchError,
     TooLittleLoadedError,
+    UnsupportedTargetError,
 )
 from .names import NameMap
 from .report import Entry, LoadReport, group_names
@@ -276,6 +277,36 @@ def plan_error(report: LoadReport, n_source: int, mismatch: str | None, strict: 
             f"min_loaded={min_loaded}. The model was not changed.\n  {low_load_cause(report)}",
             report)
     return None
+
+
+def kind_error(copies: list[Copy], report: LoadReport) -> Exception | None:
+    """Tensor kinds (read from the file) that cannot go into a plain dense model tensor;
+    ``load_state_dict`` refuses them too. Plain targets only: other targets load natively.
+    A reference names its kind in ``ref.kind`` (tensor kinds rebuilt by the readers)."""
+    bad = []
+    for copy in copies:
+        ref = copy.ref
+        kind = getattr(ref, "kind", None)
+        if not isinstance(kind, str):
+            continue
+        target = copy.slots[0]
+        why = None
+        if not getattr(ref, "has_values", True):
+            why = "has no values (a meta tensor)"
+        elif ref.dtype in _QUANTIZED:
+            why = "is quantized; dequantize it, or load into a quantized model"
+        elif "nested" in kind:
+            why = "is a nested tensor"
+        if why:
+            bad.append(f"  {copy.source} ({kind}) into {target.name} "
+                       f"({str(target.dtype).replace('torch.', '')} {list(target.shape)}): {why}")
+    if not bad:
+        return None
+    return UnsupportedTargetError(
+        f"{len(bad)} checkpoint tensor(s) cannot be loaded into plain model tensors (torch's "
+        "load_state_dict refuses them too):\n" + "\n".join(bad)
+        + "\nThe model was not changed. Pass rename=/prefix= to leave them out, or build the "
+        "model of the matching kind.", report)
 
 
 LOADED = ("copied", "cast", "adapted")

@@ -19,6 +19,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    AmbiguousAdapterError,
     AmbiguousRenameError,
     CheckpointNotFoundError,
     ChecksumError,
@@ -104,6 +105,7 @@ __all__ = [
     "PrefixNotFoundError", "RenameError", "PlanError", "ShapeMismatchError",
     "IncompatibleKeysError", "NothingToLoadError", "PartialLoadError", "OptionError",
     "ResourceLimitError", "UnsupportedTensorError", "AmbiguousRenameError",
+    "AmbiguousAdapterError",
     "UnsupportedTargetError", "LoadHookError", "TooLittleLoadedError", "LIMITS", "Limits",
     "limits_raised", "LowLoadWarning", "LoadOptions", "ChecksumError", "ResolvedSource",
     "provenance_of", "resolve_source", "__version__",

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
+from .adapting import check_adapt_option, make_adapter
 from .apply import apply_copies
 from .errors import (
     OptionError,
     PartialLoadError,
     PlanError,
     SelectError,
-    UnsupportedTargetError,
 )
 from .formats import Checkpoint, open_checkpoint
 from .names import NameMap, Rename, map_names
@@ -197,11 +197,7 @@ class LoadOptions:
                 or (hasattr(lab, "__len__") and not isinstance(lab, (str, bytes)))):
             raise OptionError(f"labels={lab!r}: expected a list of checkpoint class indices "
                               "(one per model class) or an int offset")
-        a = self.adapt
-        if not (a in ("auto", True, False) or (isinstance(a, (list, tuple, set, frozenset))
-                                               and all(isinstance(n, str) for n in a))):
-            raise OptionError(f"adapt={a!r}: expected 'auto' (default), False, or a list of "
-                              "adapter names (torchgraft.transforms.registered_adapters())")
+        check_adapt_option(self.adapt)
         for name in ("auto", "strict", "trust", "timm_filter", "hooks"):
             value = getattr(self, name)
             if not isinstance(value, bool):
@@ -274,54 +270,6 @@ def plan(model: torch.nn.Module, source: Source, *, select: str | None = None,
             err.report = report
             return report
     return planned.report
-
-
-def _adapter(model: torch.nn.Module, opts: LoadOptions, rules: Any) -> Any:
-    """The plan's ``adapt`` callback for these options (None: ``adapt=False``)."""
-    if opts.adapt is False:
-        return None
-    from .transforms import ClassifierRows, TransformRef, propose, role_of
-
-    wanted = None if opts.adapt in ("auto", True) else set(opts.adapt)
-    roles: dict[str, str] | None = None
-    extra = [ClassifierRows(opts.labels)] if opts.labels is not None else []
-
-    def enabled(adapter: Any) -> bool:
-        return adapter.default if wanted is None else adapter.name in wanted
-
-    def get_roles() -> dict[str, str]:
-        nonlocal roles
-        if roles is None:  # only when some tensor does not fit, or labels= is given
-            roles = (rules.roles() if rules.roles else {}) or _structural_roles(model)
-            if extra and "classifier" not in roles.values():
-                raise OptionError(
-                    "labels= needs the model's classifier, and this model's framework does not "
-                    "name one (timm: pretrained_cfg['classifier']); pass adapt=False and rename= "
-                    "instead, or a model that declares its classifier")
-        return roles
-
-    def adapt(name: str, ref: TensorRef, slot: Slot) -> TensorRef | None:
-        found = propose(name, role_of(name, get_roles()), ref.shape, slot.shape, enabled, extra)
-        if not found:
-            return None
-        if len({tuple(op.describe() for op in p.ops) for p in found}) > 1:
-            raise UnsupportedTargetError(
-                f"{name}: adapters {[p.adapter for p in found]} propose different transforms "
-                f"for checkpoint {list(ref.shape)} -> model {list(slot.shape)}; pass adapt=[name] "
-                "to choose one, or adapt=False")
-        return TransformRef(ref, found[0].ops, found[0].adapter)
-
-    adapt.forced = (lambda name: role_of(name, get_roles()) == "classifier") if extra else None
-    return adapt
-
-
-def _structural_roles(model: torch.nn.Module) -> dict[str, str]:
-    """Roles from structure when the framework gives none: the first convolution is the input
-    layer."""
-    for path, module in model.named_modules():
-        if isinstance(module, torch.nn.modules.conv._ConvNd):
-            return {f"{path}.": "first_conv"}
-    return {}
 
 
 def _filtered(model: torch.nn.Module, cand: Candidate, fn: Any) -> Candidate:
@@ -397,7 +345,8 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
 
         for group in groups:
             native_entries += plan_group(group, tolerate)
-    p = make_plan(slots, refs, names, opts.mismatch, classifiers, _adapter(model, opts, rules))
+    adapt = make_adapter(model, opts.adapt, opts.labels, rules.roles)
+    p = make_plan(slots, refs, names, opts.mismatch, classifiers, adapt)
     tolerated |= p.tolerated
     entries = merge_entries(p.entries, native_entries, groups) if groups else p.entries
     all_slots = model_slots(model) if groups else slots

@@ -145,6 +145,12 @@ class UnsupportedTargetError(PlanError):
     """A model tensor is of a kind torchgraft cannot write (e.g. a DTensor / FSDP2 shard)."""
 
 
+class AmbiguousAdapterError(UnsupportedTargetError):
+    """An adapter recognised a tensor but cannot decide how to adapt it (two candidate grids,
+    ambiguous prefix tokens), or two adapters propose different results; the message names the
+    tensor and the ``adapt=`` option that decides it."""
+
+
 class LoadHookError(PlanError):
     """A model's own loading code (load_state_dict pre/post hook, ``_load_from_state_dict``
     override, ``set_extra_state``) failed while planning; names the module and the hook."""
@@ -155,7 +161,8 @@ class TooLittleLoadedError(PlanError):
 
 
 __all__ += ["ResourceLimitError", "UnsupportedTensorError", "AmbiguousRenameError",
-            "UnsupportedTargetError", "LoadHookError", "TooLittleLoadedError"]
+            "UnsupportedTargetError", "LoadHookError", "TooLittleLoadedError",
+            "AmbiguousAdapterError"]
 
 
 # --- sources: hf:// ids and URLs ---------------------------------------------------------------

@@ -33,6 +33,7 @@ from .errors import (
 from .names import NameMap
 from .report import Entry, LoadReport, group_names
 from .tensors import TensorRef
+from .transforms import Keep
 
 MISMATCH_MODES = (None, "error", "skip")
 
@@ -118,7 +119,8 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
 
     ``adapt(name, ref, slot)`` may turn a checkpoint tensor of the wrong shape into a computed
     one of the right shape (a :class:`~torchgraft.transforms.TransformRef`): it is then
-    ``adapted`` instead of a shape mismatch.
+    ``adapted`` instead of a shape mismatch; or answer :class:`~torchgraft.transforms.Keep`:
+    the model's own value is right, reported ``kept``.
 
     ``classifiers`` maps name prefixes of replaceable heads (timm's
     ``pretrained_cfg['classifier']``) to the reason given when they do not fit: such shape
@@ -172,6 +174,10 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
         if adapt is not None and (ref.shape != tshape or (
                 forced is not None and forced(name))):
             computed = adapt(name, ref, slot)
+            if isinstance(computed, Keep):  # the model's own value is right (e.g. an index)
+                entries.append(Entry(name, src, "kept", ref.shape, tshape, _dtype(ref.dtype),
+                                     _dtype(tdtype), _join(computed.reason, why)))
+                continue
             if computed is not None:
                 how = getattr(computed, "describe", lambda: "")()
                 who = getattr(computed, "adapter", "") or "adapter"

@@ -259,8 +259,8 @@ def format_report(r: LoadReport) -> str:
     other_skips = [e for e in r.by_action("skipped") if e not in mism]
     _section("skipped", other_skips, lines)
     _section("missing, model keeps its own values", r.by_action("missing"), lines)
-    _section("kept by the model's own loading code (not missing for torch)", r.by_action("kept"),
-             lines)
+    _section("kept, the model's own value (its loading code or an adapter says so)",
+             r.by_action("kept"), lines)
     _section("unexpected, not used", r.by_action("unexpected"), lines)
     if r.placeholders:
         names = ", ".join(r.placeholders[:6]) + (" ..." if len(r.placeholders) > 6 else "")

@@ -186,13 +186,47 @@ class ModelRules:
 
     tolerated: dict[str, str] = field(default_factory=dict)
     renamer: Callable[[], Renamer | None] | None = None  # built only when names need it
-    roles: Callable[[], dict[str, str]] | None = None
+    roles: Callable[[], dict[str, Any]] | None = None  # framework, then structural
+
+
+RoleFinder = Callable[[torch.nn.Module], dict[str, Any]]
+_ROLE_FINDERS: list[RoleFinder] = []
+
+
+def register_role_finder(finder: RoleFinder, first: bool = False) -> None:
+    """Add a structural role finder: ``finder(model) -> {name or "prefix.": role}`` from module
+    types and attributes (never from names alone). Consulted after the frameworks' rules: a
+    role kind a framework names for the model overrides every structural role of that kind."""
+    if first:
+        _ROLE_FINDERS.insert(0, finder)
+    else:
+        _ROLE_FINDERS.append(finder)
+
+
+def structural_roles(model: torch.nn.Module) -> dict[str, Any]:
+    """Roles from every registered role finder (built-in ones in :mod:`torchgraft.adapters`)."""
+    from .transforms import _load_builtins
+
+    _load_builtins()
+    out: dict[str, Any] = {}
+    for finder in _ROLE_FINDERS:
+        for name, role in finder(model).items():
+            out.setdefault(name, role)
+    return out
+
+
+def _merged_roles(model: torch.nn.Module, framework: dict[str, Any]) -> dict[str, Any]:
+    kinds = {getattr(r, "kind", r) for r in framework.values()}
+    out = {n: r for n, r in structural_roles(model).items()
+           if getattr(r, "kind", r) not in kinds}
+    out.update(framework)
+    return out
 
 
 def model_rules(model: torch.nn.Module, auto: bool) -> ModelRules:
-    """The combined rules for ``model``; nothing with ``auto=False``."""
+    """The combined rules for ``model``; with ``auto=False`` only the structural roles."""
     if not auto:
-        return ModelRules()
+        return ModelRules(roles=lambda: _merged_roles(model, {}))
     found = rules_for(model)
     tolerated: dict[str, str] = {}
     for r in found:
@@ -205,11 +239,11 @@ def model_rules(model: torch.nn.Module, auto: bool) -> ModelRules:
                 return fn
         return None
 
-    def roles() -> dict[str, str]:
-        out: dict[str, str] = {}
+    def roles() -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for r in found:
             out.update(r.roles(model))
-        return out
+        return _merged_roles(model, out)
 
     return ModelRules(tolerated, renamer if found else None, roles)
 

@@ -1,0 +1,175 @@
+"""The ``adapt=`` option: which adapters may run on which model tensor, with which parameters.
+
+``adapt`` is one of:
+
+- ``"auto"`` / ``True`` (default): the adapters whose ``default`` is on (roles identified
+  unambiguously: input channels, position embeddings, patch-embedding kernels, relative-position
+  tables);
+- ``False``: none (plain shape errors);
+- a list of adapter names: exactly those;
+- a dict on top of the defaults, keyed by adapter name or model tensor name:
+  ``{"inflate_3d": True}`` adds an adapter, ``{"position_embedding": False}`` removes one,
+  ``{"position_embedding": {"source_grid": (14, 20)}}`` configures one,
+  ``{"pos_embed": False}`` leaves one tensor alone, ``{"pos_embed": "position_embedding"}``
+  allows only that adapter on it, ``{"pos_embed": {"source_grid": (14, 20)}}`` configures the
+  adapters asked for that tensor only.
+
+Example:
+    >>> import torch
+    >>> choice = AdapterChoice.build({"input_channels": False}, torch.nn.Linear(2, 2), [])
+    >>> "input_channels" in [a.name for a in choice.for_tensor("weight")]
+    False
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .errors import AmbiguousAdapterError, OptionError
+from .plan import Slot
+from .tensors import TensorRef
+from .transforms import Adapter, Keep, TransformRef, kind_of, propose, registered_adapters, role_of
+
+
+def check_adapt_option(value: Any) -> None:
+    """Type-check ``adapt=`` (names are checked against the registry and model at plan time)."""
+    if value in ("auto", True, False):
+        return
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in value):
+        return
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value) and all(
+            isinstance(v, (bool, str, Mapping)) for v in value.values()):
+        return
+    raise OptionError(f"adapt={value!r}: expected 'auto' (default), False, a list of adapter "
+                      "names, or a dict {adapter or tensor name: True | False | adapter name | "
+                      "{parameters}} (torchgraft.transforms.registered_adapters())")
+
+
+def _configured(adapter: Adapter, params: Mapping[str, Any], where: str) -> Adapter:
+    if not params:
+        return adapter
+    configure = getattr(adapter, "configured", None)
+    if configure is None:
+        raise OptionError(f"adapt={{{where!r}: {dict(params)!r}}}: the adapter {adapter.name!r} "
+                          "takes no parameters")
+    try:
+        return configure(**params)
+    except TypeError as err:
+        raise OptionError(f"adapt={{{where!r}: {dict(params)!r}}}: {adapter.name!r} does not "
+                          f"take these parameters ({err})") from None
+
+
+class AdapterChoice:
+    """The adapters allowed for each model tensor under one ``adapt=`` value."""
+
+    def __init__(self, default: list[Adapter], per_tensor: dict[str, list[Adapter]],
+                 extra: list[Adapter]) -> None:
+        self.default = default
+        self.per_tensor = per_tensor
+        self.extra = extra
+
+    @classmethod
+    def build(cls, adapt: Any, model: torch.nn.Module, extra: list[Adapter]) -> AdapterChoice:
+        known = registered_adapters()
+        by_name = {a.name: a for a in known}
+
+        def named(name: str, where: str) -> Adapter:
+            if name not in by_name:
+                raise OptionError(f"adapt={where}: no adapter named {name!r}; registered: "
+                                  f"{sorted(by_name)}")
+            return by_name[name]
+
+        if adapt in ("auto", True):
+            return cls([a for a in known if a.default], {}, extra)
+        if isinstance(adapt, (list, tuple, set, frozenset)):
+            wanted = [named(n, repr(sorted(adapt))) for n in adapt]
+            return cls([a for a in known if a in wanted], {}, extra)
+        chosen = {a.name: a for a in known if a.default}
+        tensors: dict[str, Any] = {}
+        model_names: set[str] | None = None
+        for key, value in adapt.items():
+            if key in by_name:
+                if value is False:
+                    chosen.pop(key, None)
+                elif isinstance(value, str):
+                    raise OptionError(f"adapt={{{key!r}: {value!r}}}: an adapter's value is "
+                                      "True, False or a dict of its parameters")
+                else:
+                    chosen[key] = _configured(by_name[key], value if isinstance(value, Mapping)
+                                              else {}, key)
+                continue
+            if model_names is None:
+                model_names = set(model.state_dict(keep_vars=True))
+            if key not in model_names:
+                raise OptionError(f"adapt={{{key!r}: ...}}: {key!r} is neither an adapter "
+                                  f"({sorted(by_name)}) nor a tensor of the model")
+            tensors[key] = value
+        default = [chosen[a.name] for a in known if a.name in chosen]
+        per_tensor: dict[str, list[Adapter]] = {}
+        for key, value in tensors.items():
+            if value is False:
+                per_tensor[key] = []
+            elif value is True:
+                per_tensor[key] = list(default)
+            elif isinstance(value, str):
+                per_tensor[key] = [chosen.get(value) or named(value, f"{{{key!r}: {value!r}}}")]
+            else:
+                params = dict(value)
+                only = params.pop("adapter", None)
+                pool = ([chosen.get(only) or named(only, f"{{{key!r}: ...}}")] if only
+                        else list(default))
+                per_tensor[key] = [_configured(a, params, key) for a in pool
+                                   ] if params else pool
+        return cls(default, per_tensor, extra)
+
+    def for_tensor(self, name: str) -> list[Adapter]:
+        own = self.per_tensor.get(name)
+        return list(self.extra) + (self.default if own is None else own)
+
+
+def make_adapter(model: torch.nn.Module, adapt: Any, labels: Any,
+                 roles: Callable[[], dict[str, Any]]) -> Callable[..., Any] | None:
+    """The plan's ``adapt(name, ref, slot)`` callback for these options (None: ``adapt=False``).
+
+    It returns a :class:`~torchgraft.transforms.TransformRef`, a :class:`Keep`, or None (no
+    adapter: the plan reports the shape mismatch). Roles are computed on the first call only.
+    """
+    if adapt is False:
+        return None
+    from .adapters.rows import ClassifierRows
+
+    extra = [ClassifierRows(labels)] if labels is not None else []
+    choice = AdapterChoice.build(adapt, model, extra)
+    cache: list[dict[str, Any]] = []
+
+    def get_roles() -> dict[str, Any]:
+        if not cache:  # only when some tensor does not fit, or labels= is given
+            cache.append(roles())
+            if extra and "classifier" not in {kind_of(r) for r in cache[0].values()}:
+                raise OptionError(
+                    "labels= needs the model's classifier, and this model's framework does not "
+                    "name one (timm: pretrained_cfg['classifier']); pass adapt=False and "
+                    "rename= instead, or a model that declares its classifier")
+        return cache[0]
+
+    def adapt_one(name: str, ref: TensorRef, slot: Slot) -> TensorRef | Keep | None:
+        found = propose(name, role_of(name, get_roles()), ref.shape, slot.shape,
+                        choice.for_tensor(name))
+        if not found:
+            return None
+        if len({p.key() for p in found}) > 1:
+            raise AmbiguousAdapterError(
+                f"{name}: adapters {[p.adapter for p in found]} propose different results for "
+                f"checkpoint {list(ref.shape)} -> model {list(slot.shape)}; pass "
+                f"adapt={{{name!r}: {found[0].adapter!r}}} to choose one, or "
+                f"adapt={{{name!r}: False}} to keep the shape error")
+        if isinstance(found[0].ops, Keep):
+            return found[0].ops
+        return TransformRef(ref, found[0].ops, found[0].adapter)
+
+    adapt_one.forced = ((lambda name: kind_of(role_of(name, get_roles())) == "classifier")
+                        if extra else None)
+    return adapt_one

@@ -11,12 +11,14 @@ device); the ops run at apply time on the source's values, and the report lists 
 
 Adapters are a registry (:func:`register_adapter`). An adapter sees the model tensor's name, its
 role (from the framework's own metadata, see :mod:`torchgraft.rules`), the checkpoint and model
-shapes, and returns ops or None. Two adapters proposing different ops for one tensor is an
+shapes, and returns ops, :class:`Keep` or None; the built-in adapters live in
+:mod:`torchgraft.adapters`. Two adapters proposing different ops for one tensor is an
 error, never a silent choice.
 
 Example:
     >>> import torch
     >>> from torchgraft.tensors import MemoryRef
+    >>> from torchgraft.adapters.channels import adapt_channels
     >>> ref = TransformRef(MemoryRef(torch.ones(8, 3, 3, 3)), [adapt_channels(3, 1)])
     >>> ref.shape, float(ref.materialize()[0, 0, 0, 0])
     ((8, 1, 3, 3), 3.0)

@@ -9,7 +9,7 @@ inside that repository's cache folder ``models--org--name/``. Only regular files
 
 Example:
     >>> ckpt = open_folder(Path("my-model/"))   # doctest: +SKIP
-    >>> ckpt.notes
+    >>> ckpt.notes  # doctest: +SKIP
     ['3 shards from model.safetensors.index.json']
 """
 

@@ -496,7 +496,8 @@ def read_runner_checkpoint(filename: str | os.PathLike, map_location: Any = "cpu
     Example:
         >>> ckpt, notes = read_runner_checkpoint("work_dirs/epoch_1.pth")  # doctest: +SKIP
         >>> ckpt["meta"]["epoch"], type(ckpt["message_hub"]["log_scalars"]["train/loss"])
-        (1, <class 'mmengine.logging.history_buffer.HistoryBuffer'>)  # doctest: +SKIP
+        ... # doctest: +SKIP
+        (1, <class 'mmengine.logging.history_buffer.HistoryBuffer'>)
     """
     tree, notes, _ = _read_runner(filename, map_location, trust)
     return tree, notes

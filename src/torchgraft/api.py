@@ -360,6 +360,9 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
         placeholders=list(ckpt.placeholders),
         loaded_fraction=loaded_fraction(all_slots, _loaded_groups(all_slots, entries))
         if groups else p.loaded_fraction,
+        adapted_fraction=loaded_fraction(all_slots, _loaded_groups(all_slots, entries,
+                                                                   ("adapted",)))
+        if groups else p.adapted_fraction,
         options=opts.describe(),
     )
     if ckpt.path is not None:
@@ -378,8 +381,9 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
     return _Planned(report, p.copies, groups, error)
 
 
-def _loaded_groups(slots: dict[str, Slot], entries: list[Entry]) -> set[int]:
-    return {slots[e.target].group for e in entries if e.target in slots and e.action in LOADED}
+def _loaded_groups(slots: dict[str, Slot], entries: list[Entry],
+                   actions: tuple[str, ...] = LOADED) -> set[int]:
+    return {slots[e.target].group for e in entries if e.target in slots and e.action in actions}
 
 
 def _describe(rename: Rename) -> Any:

@@ -42,7 +42,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .api import plan, read
+from .api import read
 from .errors import TorchgraftError
 from .formats.safetensors_file import DTYPE_NAMES
 from .names import Rename, map_names
@@ -133,20 +133,29 @@ def out_format(dst: str | os.PathLike) -> str:
 def select_items(src: Any, *, select: str | None = None, prefix: str | None = None,
                  rename: Rename = None, drop: Sequence[str] = (), keep: Sequence[str] = (),
                  dtype: torch.dtype | None = None, model: torch.nn.Module | None = None,
-                 trust: bool = False) -> tuple[list[Item], dict[str, str], list[str], str, str,
-                                               LoadReport | None]:
+                 trust: bool = False, adapt: Any = "auto", labels: Any = None
+                 ) -> tuple[list[Item], dict[str, str], list[str], str, str, LoadReport | None]:
     """Decide what to write: (items, dropped name -> why, rules, selected, format, report)."""
     report = None
     dropped: dict[str, str] = {}
+    computed: dict[str, TensorRef] = {}
     if model is not None:
-        report = plan(model, src, select=select, prefix=prefix, rename=rename,
-                      mismatch="skip", trust=trust)
-        if not report.ok:
+        from .api import LoadOptions, _plan
+
+        planned = _plan(model, src, LoadOptions(select=select, prefix=prefix, rename=rename,
+                                                mismatch="skip", trust=trust, adapt=adapt,
+                                                labels=labels))
+        report = planned.report
+        if planned.error is not None:
             raise ConvertError(f"the checkpoint does not load into the model: {report.error}")
         sd = read(src, report.selected, trust=trust)
         refs = sd.refs
+        for copy in planned.copies:  # the plan's own references: adapted ones are computed
+            for slot in copy.slots:
+                computed[slot.name] = copy.ref
         pairs = [(e.target, e.source) for e in report.entries
-                 if e.action in ("copied", "cast") and e.target and e.source]
+                 if e.action in ("copied", "cast", "adapted") and e.target and e.source
+                 and (e.action != "adapted" or e.target in computed)]
         used = {s for _, s in pairs}
         dropped = {e.source: f"{e.action}: {e.reason}" for e in report.entries
                    if e.source and e.source not in used}
@@ -164,7 +173,7 @@ def select_items(src: Any, *, select: str | None = None, prefix: str | None = No
         if why:
             dropped[source] = why
             continue
-        ref = refs[source]
+        ref = computed.get(name) or refs[source]
         cast = dtype is not None and ref.dtype.is_floating_point
         items.append(Item(name, source, ref, dtype if cast else ref.dtype))
     for flag, globs in (("--keep", keep), ("--drop", drop)):
@@ -379,7 +388,8 @@ def convert(src: Any, dst: str | os.PathLike, *, select: str | None = None,
             keep: Sequence[str] = (), dtype: str | torch.dtype | None = None,
             model: torch.nn.Module | None = None, model_spec: str | None = None,
             verify: bool = False, force: bool = False,
-            trust: bool = False, progress: bool | None = None) -> ConvertResult:
+            trust: bool = False, progress: bool | None = None, adapt: Any = "auto",
+            labels: Any = None) -> ConvertResult:
     """Write ``src``'s selected state dict to ``dst`` (see the module docstring)."""
     dst = Path(dst)
     fmt = out_format(dst)
@@ -395,7 +405,7 @@ def convert(src: Any, dst: str | os.PathLike, *, select: str | None = None,
         raise ConvertError(f"{dst} exists; pass --force to overwrite")
     items, dropped, rules, selected, src_format, report = select_items(
         src, select=select, prefix=prefix, rename=rename, drop=drop, keep=keep, dtype=dtype,
-        model=model, trust=trust)
+        model=model, trust=trust, adapt=adapt, labels=labels)
     if not items:
         raise ConvertError(f"nothing left to write: all {len(dropped)} tensors were dropped "
                            "(check --prefix/--keep/--drop)")
@@ -409,7 +419,10 @@ def convert(src: Any, dst: str | os.PathLike, *, select: str | None = None,
                         "drop": list(drop), "keep": list(keep),
                         "dtype": _dt(dtype) if dtype else None,
                         "model": model_spec or (type(model).__name__ if model else None),
-                        "trust": trust},
+                        "trust": trust,
+                        "adapt": adapt if model is not None and adapt != "auto" else None,
+                        "labels": None if labels is None or isinstance(labels, int)
+                        else list(labels)},
             "rules": rules, "tensors": len(items), "stored": len(stored),
             "dropped": len(dropped)}
     meta = {"torchgraft": json.dumps(prov, sort_keys=False)}

@@ -70,6 +70,7 @@ class Plan:
     entries: list[Entry] = field(default_factory=list)
     copies: list[Copy] = field(default_factory=list)
     loaded_fraction: float = 0.0
+    adapted_fraction: float = 0.0
     tolerated: set[str] = field(default_factory=set)  # mismatches that are not errors
 
 
@@ -219,6 +220,8 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
                                   reason))
     plan.copies = list(copies.values())
     plan.loaded_fraction = loaded_fraction(slots, copies)
+    adapted = {slots[e.target].group for e in entries if e.action == "adapted"}
+    plan.adapted_fraction = loaded_fraction(slots, adapted) if adapted else 0.0
     return plan
 
 

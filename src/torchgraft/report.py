@@ -52,7 +52,8 @@ class LoadReport:
     notes: list[str] = field(default_factory=list)
     alternatives: list[dict[str, Any]] = field(default_factory=list)
     placeholders: list[str] = field(default_factory=list)
-    loaded_fraction: float = 0.0
+    loaded_fraction: float = 0.0  # of the model's elements: copied, cast or adapted
+    adapted_fraction: float = 0.0  # of the model's elements: computed by an adapter or hook
     ok: bool = True
     applied: bool = False
     error: str | None = None
@@ -96,6 +97,7 @@ class LoadReport:
             "format": self.format,
             "selected": self.selected,
             "loaded_fraction": self.loaded_fraction,
+            "adapted_fraction": self.adapted_fraction,
             "counts": self.counts,
             "rules": list(self.rules),
             "notes": list(self.notes),
@@ -215,6 +217,12 @@ def _section(title: str, entries: list[Entry], lines: list[str], detail: bool = 
         lines.append(f"    ... and {total - shown} more groups (report.to_dict() lists all)")
 
 
+def _adapted_part(r: LoadReport) -> str:
+    if not r.adapted_fraction:
+        return ""
+    return f"; {_pct(r.adapted_fraction)} of elements adapted, not copied"
+
+
 def format_report(r: LoadReport) -> str:
     """The summary ``str(report)`` prints: counts first, then every non-copied group."""
     c = r.counts
@@ -226,7 +234,7 @@ def format_report(r: LoadReport) -> str:
     sel = f", selected '{r.selected}'" if r.selected else ""
     lines = [
         f"torchgraft: {verb} {_pct(r.loaded_fraction)} of model elements "
-        f"({loaded}/{n_model} tensors){where}{fmt}{sel}",
+        f"({loaded}/{n_model} tensors{_adapted_part(r)}){where}{fmt}{sel}",
         f"  copied {c['copied']} · cast {c['cast']} · "
         + (f"adapted {c['adapted']} · " if c["adapted"] else "")
         + f"skipped {c['skipped']} · "

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 from ..plan import DEFAULT_MISMATCH
@@ -296,6 +297,11 @@ MAPPING_HELP = {
                  "as tg.load (refuses, except a timm classifier, which is left as initialised)"),
     "strict": "fail when any name is missing or unexpected",
     "trust": "allow pickled code to run (only for files you trust)",
+    "adapt": ("adapters for tensors of the right role and the wrong shape: 'auto' (default), "
+              "'off', adapter names 'a,b' (only those), or a JSON object as tg.load's adapt= "
+              "(e.g. '{\"inflate_3d\": true}')"),
+    "labels": ("classifier rows to keep: an offset (e.g. 1), indices '3,17,250', or a file of "
+               "indices (JSON list or one per line)"),
 }
 
 
@@ -318,6 +324,50 @@ def add_mapping_options(p: argparse.ArgumentParser, *names: str) -> None:
         p.add_argument("--strict", action="store_true", help=MAPPING_HELP["strict"])
     if "trust" in names:
         p.add_argument("--trust", action="store_true", help=MAPPING_HELP["trust"])
+    if "adapt" in names:
+        p.add_argument("--adapt", metavar="SPEC", default=None, help=MAPPING_HELP["adapt"])
+    if "labels" in names:
+        p.add_argument("--labels", metavar="SPEC", default=None, help=MAPPING_HELP["labels"])
+
+
+def parse_adapt(text: str | None) -> Any:
+    """``--adapt``: 'auto', 'off', 'name,name' or a JSON object, as ``tg.load``'s ``adapt=``."""
+    if text is None or text == "auto":
+        return "auto"
+    if text in ("off", "none", "false"):
+        return False
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as err:
+            raise CliError(f"--adapt is not valid JSON ({err})") from None
+        if not isinstance(value, dict):
+            raise CliError("--adapt JSON must be an object, e.g. '{\"inflate_3d\": true}'")
+        return value
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def parse_labels(text: str | None) -> Any:
+    """``--labels``: an int offset, comma-separated indices, or a file of indices."""
+    if text is None:
+        return None
+    path = Path(os.path.expanduser(text))
+    if path.is_file():
+        body = path.read_text()
+        try:
+            value = json.loads(body)
+        except ValueError:
+            value = body.replace(",", " ").split()
+        items = value if isinstance(value, list) else [value]
+    elif re.fullmatch(r"\s*-?\d+\s*", text):
+        return int(text)
+    else:
+        items = text.split(",")
+    try:
+        return [int(str(i).strip()) for i in items if str(i).strip()]
+    except ValueError:
+        raise CliError(f"--labels {text!r}: expected an offset (e.g. 1), indices '3,17,250' or a "
+                       "file of indices") from None
 
 
 def add_model_kwargs(p: argparse.ArgumentParser) -> None:
@@ -367,5 +417,7 @@ def mapping_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "mismatch": getattr(args, "mismatch", None) or DEFAULT_MISMATCH,
         "strict": getattr(args, "strict", False),
         "trust": getattr(args, "trust", False),
+        "adapt": parse_adapt(getattr(args, "adapt", None)),
+        "labels": parse_labels(getattr(args, "labels", None)),
     }
 

@@ -51,7 +51,9 @@ from .common import (
     command_help,
     fmt_bytes,
     fmt_pct,
+    parse_adapt,
     parse_kwargs,
+    parse_labels,
     parse_rename,
     print_json,
     progress_of,
@@ -65,7 +67,7 @@ def add_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
                        **command_help(sys.modules[__name__], spec=True))
     p.add_argument("src", metavar="SRC", help="checkpoint file or folder (never modified)")
     p.add_argument("dst", metavar="DST", help="output: *.safetensors (preferred) or *.pth")
-    add_mapping_options(p, "select", "prefix", "rename", "trust")
+    add_mapping_options(p, "select", "prefix", "rename", "trust", "adapt", "labels")
     p.add_argument("--drop", metavar="GLOB", action="append", default=[],
                    help="leave out tensors whose final name matches (repeatable)")
     p.add_argument("--keep", metavar="GLOB", action="append", default=[],
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     result = convert(args.src, args.dst, select=args.select, prefix=args.prefix,
                      rename=rename, drop=args.drop, keep=args.keep, dtype=args.dtype,
                      model=model, model_spec=args.model, verify=args.verify, force=args.force,
-                     trust=args.trust, progress=progress_of(args))
+                     trust=args.trust, progress=progress_of(args),
+                     adapt=parse_adapt(args.adapt), labels=parse_labels(args.labels))
     after = plan(model, args.dst) if model is not None else None  # DST, with no options
     ok = result.verified is not False and (after is None or after.ok)
     if args.json:
@@ -117,6 +120,11 @@ def render_text(r: Any, after: LoadReport | None, st: Style) -> list[str]:
         lines.append(f"  rule: {rule}")
     for kinds, n in r.casts.items():
         lines.append(f"  cast {n} tensors {kinds}")
+    adapted = r.report.by_action("adapted") if r.report is not None else []
+    written = set(r.names)
+    for e in [e for e in adapted if e.target in written][:8]:
+        lines.append(f"  adapted {e.target}: {list(e.source_shape or ())} -> "
+                     f"{list(e.target_shape or ())} ({e.reason})")
     if r.dropped:
         reasons: dict[str, int] = {}
         for why in r.dropped.values():

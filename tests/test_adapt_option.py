@@ -1,0 +1,141 @@
+"""The ``adapt=`` option (per adapter, per tensor, with parameters), ``Keep`` answers, the
+adapted fraction, and the CLI showing and writing the same plan (``diff``, ``check``,
+``convert --model``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchgraft as tg
+from torchgraft import transforms
+from torchgraft.transforms import Keep, Role
+
+timm = pytest.importorskip("timm")
+
+
+def grey_resnet() -> torch.nn.Module:
+    return timm.create_model("resnet18", pretrained=False, in_chans=1)
+
+
+@pytest.fixture(scope="module")
+def rgb_state() -> dict[str, torch.Tensor]:
+    return timm.create_model("resnet18", pretrained=False).state_dict()
+
+
+def test_dict_disables_one_adapter_or_one_tensor(rgb_state) -> None:
+    for adapt in ({"input_channels": False}, {"conv1.weight": False}):
+        model = grey_resnet()
+        before = model.conv1.weight.detach().clone()
+        with pytest.raises(tg.ShapeMismatchError, match="conv1.weight"):
+            tg.load(model, rgb_state, adapt=adapt)
+        assert torch.equal(model.conv1.weight, before)
+    report = tg.load(grey_resnet(), rgb_state, adapt={"conv1.weight": "input_channels"})
+    assert [e.target for e in report.by_action("adapted")] == ["conv1.weight"]
+
+
+def test_dict_keys_and_values_are_checked_before_any_write(rgb_state) -> None:
+    model = grey_resnet()
+    cases = [({"no_such": True}, "neither an adapter"), ({"conv1.weight": "nope"}, "nope"),
+             ({"input_channels": {"x": 1}}, "takes no parameters"),
+             ({"input_channels": "yes"}, "True, False or a dict"), (["nope"], "nope"),
+             ({"a": 1}, "adapt=")]
+    for adapt, match in cases:
+        with pytest.raises(tg.OptionError, match=match):
+            tg.load(model, rgb_state, adapt=adapt)
+    with pytest.raises(tg.OptionError, match="neither an adapter"):  # a bad option, as ever
+        tg.plan(model, rgb_state, adapt={"no_such": True})
+
+
+def test_adapted_fraction_is_counted_apart(rgb_state) -> None:
+    report = tg.load(grey_resnet(), rgb_state)
+    conv = 64 * 1 * 7 * 7
+    total = sum(p.numel() for p in grey_resnet().state_dict().values())
+    assert report.loaded_fraction == 1.0
+    assert report.adapted_fraction == pytest.approx(conv / total)
+    assert report.to_dict()["adapted_fraction"] == report.adapted_fraction
+    assert "of elements adapted, not copied" in str(report).splitlines()[0]
+    plain = tg.load(timm.create_model("resnet18", pretrained=False), rgb_state)
+    assert plain.adapted_fraction == 0.0 and "adapted" not in str(plain).splitlines()[0]
+
+
+class _IndexKeeper:
+    """A user adapter: an index buffer the model builds itself is kept, not an error."""
+
+    name = "keep_index"
+    roles = ("index",)
+    default = True
+
+    def propose(self, name, role, src_shape, dst_shape):
+        if getattr(role, "kind", None) == "index":
+            return Keep(f"built by the model for size {role.get('size')}")
+        return None
+
+
+class _Windowed(torch.nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.register_buffer("index", torch.arange(size * size))
+        self.size = size
+
+
+def test_keep_answer_reports_kept_and_keeps_the_model_value(monkeypatch) -> None:
+    from torchgraft import rules
+
+    transforms.registered_adapters()  # the built-ins are registered before the registry is patched
+    monkeypatch.setattr(transforms, "_ADAPTERS", [_IndexKeeper()] + transforms._ADAPTERS)
+
+    def finder(m: torch.nn.Module) -> dict:
+        return {"index": Role("index", (("size", m.size),))} if isinstance(m, _Windowed) else {}
+
+    monkeypatch.setattr(rules, "_ROLE_FINDERS", [finder] + rules._ROLE_FINDERS)
+    src, model = _Windowed(3), _Windowed(5)
+    report = tg.load(model, src.state_dict())
+    (kept,) = report.by_action("kept")
+    assert kept.target == "index" and "size 5" in kept.reason
+    assert torch.equal(model.index, torch.arange(25)) and torch.equal(model.proj.weight,
+                                                                     src.proj.weight)
+    assert report.missing_keys == [] and report.ok
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torchgraft", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_check_diff_and_convert_share_the_adapted_plan(tmp_path: Path, rgb_state) -> None:
+    src = tmp_path / "r18.pth"
+    torch.save(rgb_state, src)
+    kwargs = json.dumps({"in_chans": 1, "num_classes": 4})
+    labels = tmp_path / "labels.txt"
+    labels.write_text("7\n3\n999\n0\n")
+    out = _cli("diff", str(src), "timm:resnet18", "--kwargs", kwargs, "--labels", str(labels),
+               "--json", cwd=tmp_path)
+    plan = json.loads(out.stdout)
+    assert out.returncode == 0, out.stderr
+    check = _cli("check", str(src), "--model", "timm:resnet18", "--kwargs", kwargs,
+                 "--labels", "7,3,999,0", cwd=tmp_path)
+    assert check.returncode == 0 and "adapted" in check.stdout, check.stdout + check.stderr
+    off = _cli("check", str(src), "--model", "timm:resnet18", "--kwargs", kwargs,
+               "--adapt", "off", cwd=tmp_path)
+    assert off.returncode != 0 and "conv1.weight" in off.stdout + off.stderr
+    dst = tmp_path / "grey4.safetensors"
+    conv = _cli("convert", str(src), str(dst), "--model", "timm:resnet18", "--kwargs", kwargs,
+                "--labels", "7,3,999,0", "--verify", cwd=tmp_path)
+    assert conv.returncode == 0, conv.stdout + conv.stderr
+    assert "adapted conv1.weight" in conv.stdout and "with no options" in conv.stdout
+    model = timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=4)
+    report = tg.load(model, dst)  # the converted file loads with no options, nothing adapted
+    assert report.ok and not report.by_action("adapted") and report.loaded_fraction == 1.0
+    assert torch.equal(model.fc.weight, rgb_state["fc.weight"][[7, 3, 999, 0]])
+    assert torch.equal(model.conv1.weight, rgb_state["conv1.weight"].sum(1, keepdim=True))
+    adapted = {e["target"] for e in plan["report"]["entries"] if e["action"] == "adapted"} \
+        if "report" in plan else {e["target"] for e in plan["entries"]
+                                  if e["action"] == "adapted"}
+    assert adapted == {"conv1.weight", "fc.weight", "fc.bias"}

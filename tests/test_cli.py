@@ -22,8 +22,8 @@ import torchgraft as tg
 from torchgraft import demo
 from torchgraft.cli import main
 from torchgraft.cli.common import Style, parse_rename
-from torchgraft.cli.compare import suggest
 from torchgraft.cli.specs import build_model, looks_like_spec, parse_spec, parse_value
+from torchgraft.compare import suggest
 
 try:
     import realmodels as rm

@@ -46,6 +46,7 @@ from .errors import (
 
 if TYPE_CHECKING:  # what the lazy names below resolve to
     from .api import LoadOptions, LowLoadWarning, StateDict, load, plan, read
+    from .compare import checkpoint_diff
     from .formats import Checkpoint, Format, register_format
     from .limits import LIMITS, Limits, limits_raised
     from .report import Entry, LoadReport
@@ -59,6 +60,7 @@ _LAZY = {
     "register_format": "formats", "LIMITS": "limits", "Limits": "limits",
     "limits_raised": "limits", "Entry": "report", "LoadReport": "report",
     "ResolvedSource": "sources", "provenance_of": "sources", "resolve_source": "sources",
+    "checkpoint_diff": "compare",
 }
 
 
@@ -108,5 +110,5 @@ __all__ = [
     "AmbiguousAdapterError",
     "UnsupportedTargetError", "LoadHookError", "TooLittleLoadedError", "LIMITS", "Limits",
     "limits_raised", "LowLoadWarning", "LoadOptions", "ChecksumError", "ResolvedSource",
-    "provenance_of", "resolve_source", "__version__",
+    "provenance_of", "resolve_source", "checkpoint_diff", "__version__",
 ]

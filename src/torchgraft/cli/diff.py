@@ -58,6 +58,7 @@ import sys
 from typing import Any
 
 from ..api import plan
+from ..compare import checkpoint_diff, fold, plan_suggestions, renamed
 from ..errors import AmbiguousRenameError
 from ..report import LOW_LOAD_WARNING, fmt_fraction, group_names
 from .check import _fraction
@@ -75,7 +76,6 @@ from .common import (
     table,
     terminal_lines,
 )
-from .compare import checkpoint_diff, fold, plan_suggestions, renamed
 from .specs import build_model, looks_like_spec
 
 MAX_LINES = 12

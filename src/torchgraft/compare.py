@@ -1,4 +1,5 @@
-"""What ``torchgraft diff`` computes: did-you-mean suggestions and checkpoint-vs-checkpoint diffs.
+"""Checkpoint-vs-checkpoint comparison (``tg.checkpoint_diff``, what ``torchgraft diff A B``
+prints) and did-you-mean suggestions for names that do not match (``suggest``).
 
 Example:
     >>> import torch
@@ -18,11 +19,11 @@ from typing import Any
 
 import torch
 
-from ..api import read
-from ..errors import PrefixNotFoundError, SelectError
-from ..names import Rename, map_names, strip_wrappers
-from ..report import LoadReport, fold_indices
-from ..tensors import TensorRef
+from .api import read
+from .errors import PrefixNotFoundError, SelectError
+from .names import Rename, map_names, strip_wrappers
+from .report import LoadReport, fold_indices
+from .tensors import TensorRef
 
 CUTOFF = 0.5
 SHAPE_BONUS = 0.25
@@ -225,7 +226,7 @@ def _compare(name: str, ra: TensorRef, rb: TensorRef, values: bool, changed: lis
 
 
 def _values_bar(pairs: list[tuple[str, TensorRef, TensorRef]], progress: bool | None) -> Any:
-    from ..progress import ProgressBar
+    from .progress import ProgressBar
 
     if not ProgressBar.wanted(progress):
         return None

@@ -1,9 +1,12 @@
 """The apply stage: carry out a plan's copies, reading each tensor straight into the model.
 
-Copies run in file order. A CPU parameter of the stored dtype is filled by ``preadv`` into its
-own memory (no staging copy); anything else is read once and ``copy_``-ed (cast and moved to
-the parameter's device). Meta-device tensors are replaced by real ones. If a copy fails, a
-:class:`~torchgraft.errors.PartialLoadError` names what was already written.
+Copies run in file order. The stage asks each reference where its bytes lie
+(:meth:`~torchgraft.tensors.TensorRef.byte_span`) and each copy's
+:class:`~torchgraft.targets.Destination` where they go: a CPU parameter of the stored dtype is
+filled by ``preadv`` into its own memory (no staging copy); anything else is read once and
+``copy_``-ed (cast and moved to the parameter's device); meta-device tensors are replaced by
+real ones. If a copy fails, a :class:`~torchgraft.errors.PartialLoadError` names what was
+already written.
 
 Example:
     >>> import torch
@@ -25,13 +28,15 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
 from .errors import PartialLoadError
 from .plan import Copy
 from .staged import copy_staged, stageable
-from .tensors import FileRef, byte_view
+from .targets import Accelerator, Destination, destination_for
+from .tensors import ByteSpan, byte_view
 
 CHUNK_BYTES = 16 * 1024 * 1024
 SMALL_BYTES = 256 * 1024  # tensors below this are read in batches
@@ -39,95 +44,50 @@ BATCH_BYTES = 8 * 1024 * 1024
 BATCH_GAP = 64 * 1024
 
 
-def _locate(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str, bool]:
-    mod_path, _, attr = name.rpartition(".")
-    module = model.get_submodule(mod_path) if mod_path else model
-    return module, attr, attr in module._parameters
-
-
-def _fresh(template: torch.Tensor) -> torch.Tensor:
-    """An uninitialised CPU tensor to replace a meta-device one."""
-    return torch.empty(tuple(template.shape), dtype=template.dtype, device="cpu")
-
-
-def _install(model: torch.nn.Module, copy: Copy, new: torch.Tensor) -> None:
-    """Set a filled tensor on every (tied) name of a meta-device slot."""
-    template = copy.slots[0].tensor
-    param = None
-    for slot in copy.slots:
-        module, attr, is_param = _locate(model, slot.name)
-        if is_param:
-            if param is None:
-                param = torch.nn.Parameter(new, requires_grad=template.requires_grad)
-            module._parameters[attr] = param
-        else:
-            module._buffers[attr] = new
-
-
-def _materialize_meta(model: torch.nn.Module, copy: Copy) -> None:
-    """Fill a meta-device slot: build a real tensor and set it on every tied name."""
-    new = _fresh(copy.slots[0].tensor)
-    copy.ref.read_into(new)
-    _install(model, copy, new)
-
-
-def _copy_one(model: torch.nn.Module, copy: Copy) -> None:
-    target = copy.slots[0].tensor
-    if target.device.type == "meta":
-        _materialize_meta(model, copy)
-    else:
-        copy.ref.read_into(target.detach())
-
-
 class _Work:
     """The copies of a plan sorted into how each is carried out, in file order.
 
-    Meta-device targets that can be read byte-for-byte get a fresh CPU tensor here (``fresh``),
-    are read like CPU targets, and are installed in the model once filled.
+    Each copy gets its :class:`~torchgraft.targets.Destination`; a reference whose bytes lie in
+    a file (:meth:`~torchgraft.tensors.TensorRef.byte_span`) going into raw CPU memory of the
+    same dtype is read straight in (small ones batched, large ones sliced over threads).
     """
 
     def __init__(self, copies: list[Copy], workers: int) -> None:
         self.staged: list[Copy] = []  # accelerator targets: pinned buffers, transfers in flight
-        self.big: list[Copy] = []  # other CPU reads, run in threads (large ones sliced)
+        self.big: list[tuple[str, int, Copy]] = []  # other direct reads, in threads
         self.small: list[tuple[str, int, int, int, Copy]] = []  # (path, start, end, ptr, copy)
-        self.other: list[tuple[tuple, Copy]] = []  # everything else: read, then copy_
-        self.fresh: dict[int, torch.Tensor] = {}  # id(copy) -> new tensor for a meta target
-        self.threaded = threaded = workers > 1 and sys.platform != "win32"
+        self.other: list[Copy] = []  # everything else: the destination writes the reference
+        self.dest: dict[int, Destination] = {}
+        self.spans: dict[int, ByteSpan] = {}
+        threaded = workers > 1 and sys.platform != "win32"
         paths: dict[int, str] = {}
         for copy in copies:
-            ref, target = copy.ref, copy.slots[0].tensor
-            if not isinstance(ref, FileRef):
-                self.other.append(((1, "", 0), copy))
+            ref = copy.ref
+            dest = self.dest[id(copy)] = destination_for(copy)
+            span = ref.byte_span()
+            if span is None or span.end <= span.start:
+                self.other.append(copy)
                 continue
-            fh = ref.file
+            fh = span.file
             path = paths.get(id(fh))
             if path is None:
                 path = paths[id(fh)] = str(fh.path)
-            start, end = ref.byte_range()
-            on_cpu = target.is_cpu
-            if target.is_meta and ref.contiguous and target.dtype == ref.dtype and end > start:
-                target = self.fresh[id(copy)] = _fresh(target)
-                on_cpu = True
-            if on_cpu:
-                if (ref.contiguous and 0 < end - start <= SMALL_BYTES and target.dtype == ref.dtype
-                        and target.is_contiguous()):
-                    self.small.append((path, start, end, target.data_ptr(), copy))
+            raw = dest.raw_memory(ref.dtype)
+            if raw:
+                self.spans[id(copy)] = span
+                if span.end - span.start <= SMALL_BYTES:
+                    ptr = dest.buffer().data_ptr()
+                    self.small.append((path, span.start, span.end, ptr, copy))
                     continue
-                if threaded:  # read in the pool (preadv releases the GIL), sliced if large
-                    self.big.append(copy)
-                    continue
-            elif stageable(ref, target):
+            if threaded and not isinstance(dest, Accelerator):
+                # read in the pool (preadv releases the GIL), sliced if raw and large
+                self.big.append((path, span.start, copy))
+            elif isinstance(dest, Accelerator) and stageable(ref, dest.tensor):
                 self.staged.append(copy)
-                continue
-            self.other.append(((0, path, start), copy))
-        self.big.sort(key=lambda c: (str(c.ref.file.path), c.ref.byte_range()[0]))
+            else:
+                self.other.append(copy)
+        self.big.sort(key=lambda t: (t[0], t[1]))
         self.small.sort(key=lambda t: (t[0], t[1]))
-        self.other.sort(key=lambda t: t[0])
-
-    def target(self, copy: Copy) -> torch.Tensor:
-        """The tensor a copy's bytes go into: the slot's own, or the fresh one of a meta slot."""
-        new = self.fresh.get(id(copy)) if self.fresh else None
-        return copy.slots[0].tensor if new is None else new
 
     def batches(self) -> list[list[tuple[str, int, int, int, Copy]]]:
         """Runs of small tensors that lie close together in one file, one read each."""
@@ -165,47 +125,41 @@ def apply_copies(
     work = _Work(copies, workers)
 
     def finished(copy: Copy) -> None:
-        if work.fresh and id(copy) in work.fresh:
-            _install(model, copy, work.fresh[id(copy)])
+        work.dest[id(copy)].finish(model)
         done.append(copy)
         if progress:
             progress(copy.ref.nbytes)
 
+    def started(copy: Copy) -> None:
+        if work.dest[id(copy)].writes_model:
+            touched[id(copy)] = copy
+
     def run(copy: Copy) -> None:
+        started(copy)
         with torch.no_grad():
-            if work.fresh and id(copy) in work.fresh:
-                copy.ref.read_into(work.fresh[id(copy)])
-            else:
-                touched[id(copy)] = copy
-                _copy_one(model, copy)
+            work.dest[id(copy)].write(copy.ref)
         with lock:
             finished(copy)
 
     def run_batch(batch: list[tuple[str, int, int, int, Copy]]) -> None:
-        if not work.fresh:
-            for item in batch:
-                touched[id(item[4])] = item[4]
-        _copy_batch(batch)
+        for item in batch:
+            started(item[4])
+        _copy_batch(batch, work.spans[id(batch[0][4])].file)
         with lock:
-            if work.fresh:
-                for item in batch:
-                    finished(item[4])
-                return
-            done.extend(item[4] for item in batch)
-            if progress:
-                progress(sum(item[2] - item[1] for item in batch))
+            for item in batch:
+                finished(item[4])
 
     try:
         if work.staged:
             for copy in work.staged:
-                touched[id(copy)] = copy
+                started(copy)
             copy_staged([(c.ref, c.slots[0].tensor) for c in work.staged])
             for copy in work.staged:
                 finished(copy)
         batches = work.batches()
         if work.big:
-            tasks = [t for c in work.big for t in _chunks(c, work.target(c))]
-            left = {id(c): 0 for c in work.big}
+            tasks = [t for _, _, c in work.big for t in _chunks(c, work.spans.get(id(c)))]
+            left = {id(c): 0 for _, _, c in work.big}
             for c, _, _ in tasks:
                 left[id(c)] += 1
 
@@ -216,9 +170,8 @@ def apply_copies(
                 if n == 0:
                     run(copy)
                     return
-                if not (work.fresh and id(copy) in work.fresh):
-                    touched[id(copy)] = copy
-                _read_chunk(copy, work.target(copy), start, n)
+                started(copy)
+                _read_chunk(work.spans[id(copy)], work.dest[id(copy)].buffer(), start, n)
                 with lock:
                     left[id(copy)] -= 1
                     if left[id(copy)] == 0:
@@ -243,7 +196,7 @@ def apply_copies(
         else:
             for batch in batches:
                 run_batch(batch)
-        for _, copy in work.other:
+        for copy in work.other:
             run(copy)
     except BaseException as err:
         hit = {id(c) for c in done} | set(touched)
@@ -263,9 +216,8 @@ def apply_copies(
     return [s.name for c in done for s in c.slots]
 
 
-def _copy_batch(batch: list[tuple[str, int, int, int, Copy]]) -> None:
+def _copy_batch(batch: list[tuple[str, int, int, int, Copy]], fh: Any) -> None:
     """One ``preadv`` for the whole run, then a ``memmove`` into each parameter."""
-    fh = batch[0][4].ref.file
     start = batch[0][1]
     end = max(item[2] for item in batch)
     buf = bytearray(end - start)
@@ -276,17 +228,14 @@ def _copy_batch(batch: list[tuple[str, int, int, int, Copy]]) -> None:
         memmove(ptr, base + b, e - b)
 
 
-def _chunks(copy: Copy, target: torch.Tensor) -> list[tuple[Copy, int, int]]:
-    """Slices of a large byte-for-byte read, so that one huge tensor keeps every thread busy;
-    ``(copy, 0, 0)`` stands for the whole copy when it cannot be sliced."""
-    ref = copy.ref
-    direct = (ref.contiguous and target.dtype == ref.dtype and target.is_contiguous()
-              and target.device.type == "cpu")
-    if not direct or ref.nbytes <= CHUNK_BYTES:
+def _chunks(copy: Copy, span: ByteSpan | None) -> list[tuple[Copy, int, int]]:
+    """Slices of a large byte-for-byte read (``span``: raw bytes into raw memory), so that one
+    huge tensor keeps every thread busy; ``(copy, 0, 0)`` stands for the whole copy."""
+    n = span.end - span.start if span is not None else 0
+    if n <= CHUNK_BYTES:
         return [(copy, 0, 0)]
-    return [(copy, s, min(CHUNK_BYTES, ref.nbytes - s)) for s in range(0, ref.nbytes, CHUNK_BYTES)]
+    return [(copy, s, min(CHUNK_BYTES, n - s)) for s in range(0, n, CHUNK_BYTES)]
 
 
-def _read_chunk(copy: Copy, target: torch.Tensor, start: int, n: int) -> None:
-    view = byte_view(target)[start:start + n]
-    copy.ref.file.pread_into(view, copy.ref.byte_range()[0] + start)
+def _read_chunk(span: ByteSpan, target: torch.Tensor, start: int, n: int) -> None:
+    span.file.pread_into(byte_view(target)[start:start + n], span.start + start)

@@ -22,6 +22,7 @@ import os
 import threading
 from collections.abc import Hashable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -103,11 +104,21 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
+class ByteSpan(NamedTuple):
+    """A tensor's values as raw bytes in a file: ``end - start`` bytes at ``start``, row-major
+    and contiguous, in the tensor's dtype (read with ``file.pread_into``)."""
+
+    file: Any
+    start: int
+    end: int
+
+
 class TensorRef:
     """A tensor that has not been read yet.
 
     Subclasses implement :meth:`materialize`; :meth:`read_into` copies into an existing tensor
-    (casting dtype and moving device as needed).
+    (casting dtype and moving device as needed). :meth:`byte_span` says where its bytes lie when
+    they can be read straight into memory (the apply stage's fast paths), else None.
     """
 
     shape: tuple[int, ...]
@@ -137,6 +148,10 @@ class TensorRef:
     def read_into(self, out: torch.Tensor) -> None:
         """Copy the data into ``out`` (same shape; dtype and device may differ)."""
         out.copy_(self.materialize())
+
+    def byte_span(self) -> ByteSpan | None:
+        """Where the values lie as contiguous raw bytes in a file; None: call ``read_into``."""
+        return None
 
     def __repr__(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
@@ -273,6 +288,12 @@ class FileRef(TensorRef):
         item = self.dtype.itemsize
         start = self.offset + self.elem_offset * item
         return start, start + self.span_elems() * item
+
+    def byte_span(self) -> ByteSpan | None:
+        if not self.contiguous:
+            return None
+        start, end = self.byte_range()
+        return ByteSpan(self.file, start, end)
 
     def materialize(self) -> torch.Tensor:
         if self.contiguous:

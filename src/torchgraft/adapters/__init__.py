@@ -4,6 +4,8 @@
 |---|---|---|
 | ``channels`` | ``input_channels`` | on |
 | ``position`` | ``position_embedding`` | on |
+| ``patch`` | ``patch_embed`` | on |
+| ``inflate`` | ``inflate_3d`` (``how="mean"`` or ``"center"``) | asked |
 | ``rows`` | ``classifier_rows`` (with ``labels=``), ``token_rows``, ``token_rows_mean`` | asked |
 
 Each module may also register *role finders* (:func:`torchgraft.rules.register_role_finder`):
@@ -21,9 +23,14 @@ from __future__ import annotations
 from ..rules import register_role_finder
 from ..transforms import register_adapter
 from .channels import InputChannels, first_conv_role
+from .inflate import Inflate3d, conv3d_roles
+from .patch import PatchEmbedding, patch_embed_roles
 from .position import PositionEmbedding
 from .rows import TokenRows
 
-for _adapter in (InputChannels(), PositionEmbedding(), TokenRows("model"), TokenRows("mean")):
+for _adapter in (InputChannels(), PositionEmbedding(), PatchEmbedding(), TokenRows("model"),
+                 TokenRows("mean"), Inflate3d()):
     register_adapter(_adapter, first=False)
-register_role_finder(first_conv_role)
+register_role_finder(first_conv_role)  # before conv3d_roles: a first Conv3d stays first_conv
+register_role_finder(patch_embed_roles)
+register_role_finder(conv3d_roles)

@@ -48,13 +48,15 @@ class InputChannels:
     """The first conv / patch embedding: a different number of input channels."""
 
     name = "input_channels"
-    roles = ("first_conv",)
+    roles = ("first_conv", "patch_embed")  # a patch embedding that is the model's first conv
     default = True
 
     def propose(self, name: str, role: str | None, src_shape: tuple[int, ...],
                 dst_shape: tuple[int, ...]) -> list[Op] | None:
-        if kind_of(role) != "first_conv" or not name.endswith("weight") or len(src_shape) < 3:
+        if kind_of(role) not in self.roles or not name.endswith("weight") or len(src_shape) < 3:
             return None
+        if kind_of(role) == "patch_embed" and not role.get("first_conv"):
+            return None  # a hybrid ViT's projection of backbone features
         if len(src_shape) != len(dst_shape) or src_shape[0] != dst_shape[0]:
             return None
         if src_shape[2:] != dst_shape[2:] or src_shape[1] == dst_shape[1]:

@@ -119,6 +119,9 @@ def test_cli_check_diff_and_convert_share_the_adapted_plan(tmp_path: Path, rgb_s
                "--json", cwd=tmp_path)
     plan = json.loads(out.stdout)
     assert out.returncode == 0, out.stderr
+    text = _cli("diff", str(src), "timm:resnet18", "--kwargs", kwargs, "--labels", "7,3,999,0",
+                cwd=tmp_path).stdout
+    assert "(122/122 tensors;" in text and "adapted (3)" in text, text
     check = _cli("check", str(src), "--model", "timm:resnet18", "--kwargs", kwargs,
                  "--labels", "7,3,999,0", cwd=tmp_path)
     assert check.returncode == 0 and "adapted" in check.stdout, check.stdout + check.stderr

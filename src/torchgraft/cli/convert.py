@@ -136,7 +136,7 @@ def render_text(r: Any, after: LoadReport | None, st: Style) -> list[str]:
         n = sum(1 for e in after.entries if e.target is not None)
         text = (f"  {r.dst} loads into {r.provenance['options']['model']} with no options: "
                 f"{fmt_pct(after.loaded_fraction)} of its elements "
-                f"({c['copied'] + c['cast']}/{n} tensors)")
+                f"({c['copied'] + c['cast'] + c['adapted']}/{n} tensors)")
         lines.append(st.green(text) if after.ok else st.red(text + f"; {after.error}"))
     if r.verified:
         lines.append(st.green(f"  verified: all {len(r.stored)} stored tensors are bit-exact"))

@@ -205,7 +205,9 @@ def _plan_text(out: dict[str, Any], r: Any, st: Style) -> list[str]:
     lines = [st.bold(f"plan: {out['checkpoint']} [{r.format}, '{r.selected or '<top>'}'] "
                      f"-> {out['model']}"),
              f"  would load {fmt_fraction(r.loaded_fraction)} of model elements "
-             f"({c['copied'] + c['cast']}/{n_model} tensors)"]
+             f"({c['copied'] + c['cast'] + c['adapted']}/{n_model} tensors"
+             + (f"; {fmt_fraction(r.adapted_fraction)} of elements adapted" if c["adapted"]
+                else "") + ")"]
     lines += [f"  rule: {rule}" for rule in r.rules]
     lines += [f"  note: {note}" for note in r.notes]
     plain = [e.target for e in r.entries if e.action == "copied" and e.source == e.target]
@@ -232,6 +234,20 @@ def _plan_text(out: dict[str, Any], r: Any, st: Style) -> list[str]:
             by_cast.setdefault(e.reason.split(";")[0], []).append(e.target)
         for kind, names in by_cast.items():
             lines += _grouped(names, f"  ({kind})")
+    adapted = r.by_action("adapted")
+    if adapted:
+        lines.append(st.green(f"  adapted ({len(adapted)}), computed from the checkpoint's "
+                              "tensor:"))
+        lines += table([[e.target, f"{fmt_shape(e.source_shape)} -> {fmt_shape(e.target_shape)}",
+                         e.reason] for e in adapted[:MAX_LINES]], indent=4)
+    kept = r.by_action("kept")
+    if kept:
+        lines.append(f"  kept, the model's own value ({len(kept)}):")
+        by_why: dict[str, list[str]] = {}
+        for e in kept:
+            by_why.setdefault(e.reason, []).append(e.target or "?")
+        for reason, names in list(by_why.items())[:4]:
+            lines += _grouped(names, f"  ({reason})")[:4]
     mism = r.mismatched
     if mism:
         lines.append(st.red(f"  shape mismatch ({len(mism)}):"))

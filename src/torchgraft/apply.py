@@ -35,7 +35,7 @@ import torch
 from .errors import PartialLoadError
 from .plan import Copy
 from .staged import copy_staged, stageable
-from .targets import Accelerator, Destination, destination_for
+from .targets import DESTINATIONS, Accelerator, Destination, destination_for
 from .tensors import ByteSpan, byte_view
 
 CHUNK_BYTES = 16 * 1024 * 1024
@@ -57,31 +57,39 @@ class _Work:
         self.big: list[tuple[str, int, Copy]] = []  # other direct reads, in threads
         self.small: list[tuple[str, int, int, int, Copy]] = []  # (path, start, end, ptr, copy)
         self.other: list[Copy] = []  # everything else: the destination writes the reference
-        self.dest: dict[int, Destination] = {}
+        self.dest: dict[int, Destination] = {}  # none for a CPU tensor filled in place
         self.spans: dict[int, ByteSpan] = {}
         threaded = workers > 1 and sys.platform != "win32"
         paths: dict[int, str] = {}
+        custom = len(DESTINATIONS) > 1  # else: CPU tensors are filled in place (no object)
         for copy in copies:
             ref = copy.ref
-            dest = self.dest[id(copy)] = destination_for(copy)
+            target = copy.slots[0].tensor
+            if custom or not target.is_cpu:
+                dest = self.dest[id(copy)] = destination_for(copy)
+            else:
+                dest = None
             span = ref.byte_span()
-            if span is None or span.end <= span.start:
+            if span is None or span[2] <= span[1]:
                 self.other.append(copy)
                 continue
-            fh = span.file
+            fh, start, end = span
             path = paths.get(id(fh))
             if path is None:
                 path = paths[id(fh)] = str(fh.path)
-            raw = dest.raw_memory(ref.dtype)
+            if dest is None:
+                raw = target.dtype == ref.dtype and target.is_contiguous()
+            else:
+                raw = dest.raw_memory(ref.dtype)
             if raw:
                 self.spans[id(copy)] = span
-                if span.end - span.start <= SMALL_BYTES:
-                    ptr = dest.buffer().data_ptr()
-                    self.small.append((path, span.start, span.end, ptr, copy))
+                if end - start <= SMALL_BYTES:
+                    ptr = (target if dest is None else dest.buffer()).data_ptr()
+                    self.small.append((path, start, end, ptr, copy))
                     continue
             if threaded and not isinstance(dest, Accelerator):
                 # read in the pool (preadv releases the GIL), sliced if raw and large
-                self.big.append((path, span.start, copy))
+                self.big.append((path, start, copy))
             elif isinstance(dest, Accelerator) and stageable(ref, dest.tensor):
                 self.staged.append(copy)
             else:
@@ -124,27 +132,45 @@ def apply_copies(
     workers = threads if threads is not None else min(4, os.cpu_count() or 1)
     work = _Work(copies, workers)
 
+    dests = work.dest
+
     def finished(copy: Copy) -> None:
-        work.dest[id(copy)].finish(model)
+        dest = dests.get(id(copy)) if dests else None
+        if dest is not None:
+            dest.finish(model)
         done.append(copy)
         if progress:
             progress(copy.ref.nbytes)
 
     def started(copy: Copy) -> None:
-        if work.dest[id(copy)].writes_model:
+        dest = dests.get(id(copy)) if dests else None
+        if dest is None or dest.writes_model:
             touched[id(copy)] = copy
+
+    def buffer(copy: Copy) -> torch.Tensor:
+        dest = dests.get(id(copy)) if dests else None
+        return copy.slots[0].tensor.detach() if dest is None else dest.buffer()
 
     def run(copy: Copy) -> None:
         started(copy)
         with torch.no_grad():
-            work.dest[id(copy)].write(copy.ref)
+            copy.ref.read_into(buffer(copy))
         with lock:
             finished(copy)
 
     def run_batch(batch: list[tuple[str, int, int, int, Copy]]) -> None:
+        if not dests:  # all in place: no per-tensor bookkeeping beyond the lists
+            for item in batch:
+                touched[id(item[4])] = item[4]
+            _copy_batch(batch, work.spans[id(batch[0][4])][0])
+            with lock:
+                done.extend(item[4] for item in batch)
+                if progress:
+                    progress(sum(item[2] - item[1] for item in batch))
+            return
         for item in batch:
             started(item[4])
-        _copy_batch(batch, work.spans[id(batch[0][4])].file)
+        _copy_batch(batch, work.spans[id(batch[0][4])][0])
         with lock:
             for item in batch:
                 finished(item[4])
@@ -171,7 +197,7 @@ def apply_copies(
                     run(copy)
                     return
                 started(copy)
-                _read_chunk(work.spans[id(copy)], work.dest[id(copy)].buffer(), start, n)
+                _read_chunk(work.spans[id(copy)], buffer(copy), start, n)
                 with lock:
                     left[id(copy)] -= 1
                     if left[id(copy)] == 0:
@@ -231,11 +257,11 @@ def _copy_batch(batch: list[tuple[str, int, int, int, Copy]], fh: Any) -> None:
 def _chunks(copy: Copy, span: ByteSpan | None) -> list[tuple[Copy, int, int]]:
     """Slices of a large byte-for-byte read (``span``: raw bytes into raw memory), so that one
     huge tensor keeps every thread busy; ``(copy, 0, 0)`` stands for the whole copy."""
-    n = span.end - span.start if span is not None else 0
+    n = span[2] - span[1] if span is not None else 0
     if n <= CHUNK_BYTES:
         return [(copy, 0, 0)]
     return [(copy, s, min(CHUNK_BYTES, n - s)) for s in range(0, n, CHUNK_BYTES)]
 
 
 def _read_chunk(span: ByteSpan, target: torch.Tensor, start: int, n: int) -> None:
-    span.file.pread_into(byte_view(target)[start:start + n], span.start + start)
+    span[0].pread_into(byte_view(target)[start:start + n], span[1] + start)

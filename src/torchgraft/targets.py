@@ -44,16 +44,13 @@ class Destination:
         """True when file bytes of ``dtype`` can be read straight into :meth:`buffer`."""
         return False
 
-    def write(self, ref: object) -> None:
-        """Write ``ref``'s values (any dtype, any layout) into the target."""
-        ref.read_into(self.buffer())
-
     def finish(self, model: torch.nn.Module) -> None:
         """Called once the buffer holds every value."""
 
 
 class InPlace(Destination):
-    """A tensor in CPU memory: filled in place."""
+    """A tensor in CPU memory: filled in place (the apply loop inlines this common case while
+    only the built-in destinations are registered)."""
 
     def raw_memory(self, dtype: torch.dtype) -> bool:
         t = self.tensor
@@ -95,11 +92,9 @@ class FreshForMeta(Destination):
 
 
 def _kind(t: torch.Tensor) -> type[Destination] | None:
-    if t.device.type == "meta":
+    if t.is_meta:
         return FreshForMeta
-    if t.device.type == "cpu":
-        return InPlace
-    return Accelerator
+    return InPlace if t.is_cpu else Accelerator
 
 
 DESTINATIONS: list[Callable[[torch.Tensor], type[Destination] | None]] = [_kind]

@@ -22,7 +22,7 @@ import os
 import threading
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -104,13 +104,10 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
-class ByteSpan(NamedTuple):
-    """A tensor's values as raw bytes in a file: ``end - start`` bytes at ``start``, row-major
-    and contiguous, in the tensor's dtype (read with ``file.pread_into``)."""
-
-    file: Any
-    start: int
-    end: int
+ByteSpan = tuple[Any, int, int]
+"""A tensor's values as raw bytes in a file, ``(file, start, end)``: ``end - start`` bytes at
+``start``, row-major and contiguous, in the tensor's dtype (read with ``file.pread_into``); a
+plain tuple because the apply stage asks for one per tensor."""
 
 
 class TensorRef:
@@ -292,8 +289,9 @@ class FileRef(TensorRef):
     def byte_span(self) -> ByteSpan | None:
         if not self.contiguous:
             return None
-        start, end = self.byte_range()
-        return ByteSpan(self.file, start, end)
+        item = self.dtype.itemsize
+        start = self.offset + self.elem_offset * item
+        return (self.file, start, start + self._span * item)
 
     def materialize(self) -> torch.Tensor:
         if self.contiguous:

@@ -5,6 +5,7 @@
 | ``channels`` | ``input_channels`` | on |
 | ``position`` | ``position_embedding`` | on |
 | ``rows`` | ``classifier_rows`` (with ``labels=``), ``token_rows``, ``token_rows_mean`` | asked |
+| ``relpos`` | ``rel_pos_table``, ``rel_pos_index`` | on |
 
 Each module may also register *role finders* (:func:`torchgraft.rules.register_role_finder`):
 roles read from module types and attributes (the model's first convolution, ...), consulted
@@ -22,8 +23,11 @@ from ..rules import register_role_finder
 from ..transforms import register_adapter
 from .channels import InputChannels, first_conv_role
 from .position import PositionEmbedding
+from .relpos import RelPosIndex, RelPosTable, rel_pos_roles
 from .rows import TokenRows
 
-for _adapter in (InputChannels(), PositionEmbedding(), TokenRows("model"), TokenRows("mean")):
+for _adapter in (InputChannels(), PositionEmbedding(), RelPosTable(), RelPosIndex(),
+                 TokenRows("model"), TokenRows("mean")):
     register_adapter(_adapter, first=False)
 register_role_finder(first_conv_role)
+register_role_finder(rel_pos_roles)

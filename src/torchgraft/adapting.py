@@ -62,6 +62,23 @@ def _configured(adapter: Adapter, params: Mapping[str, Any], where: str) -> Adap
                           f"take these parameters ({err})") from None
 
 
+def _configured_pool(pool: list[Adapter], params: Mapping[str, Any], where: str) -> list[Adapter]:
+    """``{tensor: {parameters}}`` without ``"adapter"``: the adapters that take these
+    parameters are configured, the others stay as they are; none taking them is an error."""
+    out, took = [], False
+    for adapter in pool:
+        configure = getattr(adapter, "configured", None)
+        try:
+            out.append(configure(**params) if configure is not None else adapter)
+            took = took or configure is not None
+        except TypeError:
+            out.append(adapter)
+    if not took:
+        raise OptionError(f"adapt={{{where!r}: {dict(params)!r}}}: none of the adapters "
+                          f"{[a.name for a in pool]} takes these parameters")
+    return out
+
+
 class AdapterChoice:
     """The adapters allowed for each model tensor under one ``adapt=`` value."""
 
@@ -121,8 +138,12 @@ class AdapterChoice:
                 only = params.pop("adapter", None)
                 pool = ([chosen.get(only) or named(only, f"{{{key!r}: ...}}")] if only
                         else list(default))
-                per_tensor[key] = [_configured(a, params, key) for a in pool
-                                   ] if params else pool
+                if not params:
+                    per_tensor[key] = pool
+                elif only:
+                    per_tensor[key] = [_configured(a, params, key) for a in pool]
+                else:
+                    per_tensor[key] = _configured_pool(pool, params, key)
         return cls(default, per_tensor, extra)
 
     def for_tensor(self, name: str) -> list[Adapter]:

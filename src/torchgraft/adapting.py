@@ -62,6 +62,25 @@ def _configured(adapter: Adapter, params: Mapping[str, Any], where: str) -> Adap
                           f"take these parameters ({err})") from None
 
 
+def _configured_some(pool: list[Adapter], params: Mapping[str, Any], where: str) -> list[Adapter]:
+    """Per-tensor parameters without ``adapter``: every adapter that takes them is configured,
+    the ones that take no parameters stay as they are; none taking them is an error."""
+    out, took = [], []
+    for adapter in pool:
+        if getattr(adapter, "configured", None) is None:
+            out.append(adapter)
+            continue
+        try:
+            out.append(adapter.configured(**params))
+            took.append(adapter.name)
+        except TypeError:
+            continue
+    if not took:
+        raise OptionError(f"adapt={{{where!r}: {dict(params)!r}}}: no adapter takes these "
+                          "parameters; name one with {'adapter': '<name>', ...}")
+    return out
+
+
 class AdapterChoice:
     """The adapters allowed for each model tensor under one ``adapt=`` value."""
 
@@ -121,8 +140,12 @@ class AdapterChoice:
                 only = params.pop("adapter", None)
                 pool = ([chosen.get(only) or named(only, f"{{{key!r}: ...}}")] if only
                         else list(default))
-                per_tensor[key] = [_configured(a, params, key) for a in pool
-                                   ] if params else pool
+                if not params:
+                    per_tensor[key] = pool
+                elif only:
+                    per_tensor[key] = [_configured(pool[0], params, key)]
+                else:
+                    per_tensor[key] = _configured_some(pool, params, key)
         return cls(default, per_tensor, extra)
 
     def for_tensor(self, name: str) -> list[Adapter]:

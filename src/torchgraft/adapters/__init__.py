@@ -3,7 +3,7 @@
 | module | adapters | default |
 |---|---|---|
 | ``channels`` | ``input_channels`` | on |
-| ``position`` | ``position_embedding`` | on |
+| ``position`` | ``position_embedding`` (roles from ``position_roles``) | on |
 | ``rows`` | ``classifier_rows`` (with ``labels=``), ``token_rows``, ``token_rows_mean`` | asked |
 
 Each module may also register *role finders* (:func:`torchgraft.rules.register_role_finder`):

@@ -62,20 +62,22 @@ def _configured(adapter: Adapter, params: Mapping[str, Any], where: str) -> Adap
                           f"take these parameters ({err})") from None
 
 
-def _configured_pool(pool: list[Adapter], params: Mapping[str, Any], where: str) -> list[Adapter]:
-    """``{tensor: {parameters}}`` without ``"adapter"``: the adapters that take these
-    parameters are configured, the others stay as they are; none taking them is an error."""
-    out, took = [], False
+def _configured_some(pool: list[Adapter], params: Mapping[str, Any], where: str) -> list[Adapter]:
+    """Per-tensor parameters without ``adapter``: every adapter that takes them is configured,
+    the ones that take no parameters stay as they are; none taking them is an error."""
+    out, took = [], []
     for adapter in pool:
-        configure = getattr(adapter, "configured", None)
-        try:
-            out.append(configure(**params) if configure is not None else adapter)
-            took = took or configure is not None
-        except TypeError:
+        if getattr(adapter, "configured", None) is None:
             out.append(adapter)
+            continue
+        try:
+            out.append(adapter.configured(**params))
+            took.append(adapter.name)
+        except TypeError:
+            continue
     if not took:
-        raise OptionError(f"adapt={{{where!r}: {dict(params)!r}}}: none of the adapters "
-                          f"{[a.name for a in pool]} takes these parameters")
+        raise OptionError(f"adapt={{{where!r}: {dict(params)!r}}}: no adapter takes these "
+                          "parameters; name one with {'adapter': '<name>', ...}")
     return out
 
 
@@ -141,9 +143,9 @@ class AdapterChoice:
                 if not params:
                     per_tensor[key] = pool
                 elif only:
-                    per_tensor[key] = [_configured(a, params, key) for a in pool]
+                    per_tensor[key] = [_configured(pool[0], params, key)]
                 else:
-                    per_tensor[key] = _configured_pool(pool, params, key)
+                    per_tensor[key] = _configured_some(pool, params, key)
         return cls(default, per_tensor, extra)
 
     def for_tensor(self, name: str) -> list[Adapter]:

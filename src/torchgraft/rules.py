@@ -97,16 +97,11 @@ class TimmRules:
 
 
 def _timm_pos_embed_role(module: torch.nn.Module) -> Any:
-    """timm ViT-style models: the pos_embed's grid and prefix tokens, from the model itself."""
-    from .transforms import Role
+    """timm ViT-style models: the pos_embed's grid, prefix tokens and layout (see
+    :func:`torchgraft.adapters.position_roles.timm_pos_embed_role`)."""
+    from .adapters.position_roles import timm_pos_embed_role
 
-    pos = module._parameters.get("pos_embed")
-    grid = getattr(getattr(module, "patch_embed", None), "grid_size", None)
-    if pos is None or pos.dim() != 3 or not isinstance(grid, (tuple, list)) or len(grid) != 2:
-        return None
-    prefix = 0 if getattr(module, "no_embed_class", False) else int(
-        getattr(module, "num_prefix_tokens", 1))
-    return Role("pos_embed", (("grid", tuple(int(g) for g in grid)), ("prefix_tokens", prefix)))
+    return timm_pos_embed_role(module)
 
 
 class TransformersRules:
@@ -133,7 +128,8 @@ class TransformersRules:
                           "there is no separate filter")
 
     def roles(self, model: torch.nn.Module) -> dict[str, Any]:
-        """The input and (untied) output token embeddings, from the model's own API."""
+        """The input and (untied) output token embeddings, from the model's own API; vision
+        position embeddings from the embeddings' config and tokens."""
         try:
             from transformers import PreTrainedModel
         except ImportError:
@@ -157,6 +153,9 @@ class TransformersRules:
         for name, param in inner.named_parameters(remove_duplicate=False):
             if any(param is w for w in wanted):
                 out[prefix + name] = Role("token_embedding", (("param", param),))
+        from .adapters.position_roles import transformers_position_roles
+
+        out.update(transformers_position_roles(inner, prefix))
         return out
 
 

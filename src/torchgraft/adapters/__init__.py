@@ -3,7 +3,7 @@
 | module | adapters | default |
 |---|---|---|
 | ``channels`` | ``input_channels`` | on |
-| ``position`` | ``position_embedding`` | on |
+| ``position`` | ``position_embedding`` (roles from ``position_roles``) | on |
 | ``patch`` | ``patch_embed`` | on |
 | ``inflate`` | ``inflate_3d`` (``how="mean"`` or ``"center"``) | asked |
 | ``rows`` | ``classifier_rows`` (with ``labels=``), ``token_rows``, ``token_rows_mean`` | asked |

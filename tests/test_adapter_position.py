@@ -154,7 +154,7 @@ def test_non_square_source_names_the_option_and_the_option_decides() -> None:
     assert "mode=bilinear" in report.by_action("adapted")[0].reason
     for bad, match in (({"source_grid": (13, 20)}, "280 grid positions"),
                        ({"source_grid": (14,)}, "height, width"), ({"mode": "nearest"}, "mode"),
-                       ({"antialias": "yes"}, "antialias"), ({"grid": 3}, "no adapter")):
+                       ({"antialias": "yes"}, "antialias"), ({"grid": 3}, "none of the adapters")):
         with pytest.raises(tg.OptionError, match=match):
             tg.load(model, src.state_dict(), adapt={"pos_embed": bad})
     assert torch.equal(model.pos_embed, resample_abs_pos_embed(

@@ -240,8 +240,10 @@ def test_tensor_parameters_go_to_the_adapters_that_take_them() -> None:
     sd = swin().state_dict()
     model = swin(img_size=384, window_size=12)
     key = f"layers.0.blocks.0.attn.{TABLE}"
+    with pytest.raises(tg.OptionError, match="'rel_pos_table', the adapter that handles"):
+        tg.load(model, sd, adapt={key: {"source_grid": (7, 7)}})  # position_embedding's
     with pytest.raises(tg.OptionError, match="none of the adapters"):
-        tg.load(model, sd, adapt={key: {"source_grid": (7, 7)}})
+        tg.load(model, sd, adapt={key: {"no_such_parameter": 1}})
     with pytest.raises(tg.OptionError, match="does not take"):
         tg.load(model, sd, adapt={key: {"adapter": "rel_pos_table", "window": 7}})
     report = tg.load(model, sd, adapt={key: {"mode": "bicubic"}})

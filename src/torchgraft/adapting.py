@@ -62,23 +62,24 @@ def _configured(adapter: Adapter, params: Mapping[str, Any], where: str) -> Adap
                           f"take these parameters ({err})") from None
 
 
-def _configured_some(pool: list[Adapter], params: Mapping[str, Any], where: str) -> list[Adapter]:
+def _configured_some(pool: list[Adapter], params: Mapping[str, Any], where: str
+                     ) -> tuple[list[Adapter], set[str]]:
     """Per-tensor parameters without ``adapter``: every adapter that takes them is configured,
-    the ones that take no parameters stay as they are; none taking them is an error."""
-    out, took = [], []
+    the others stay as they are (and are refused at plan time if they are the one that handles
+    the tensor); none taking them is an error. Returns the pool and the configured names."""
+    out, took = [], set()
     for adapter in pool:
-        if getattr(adapter, "configured", None) is None:
-            out.append(adapter)
-            continue
+        configure = getattr(adapter, "configured", None)
         try:
-            out.append(adapter.configured(**params))
-            took.append(adapter.name)
+            out.append(configure(**params) if configure is not None else adapter)
+            if configure is not None:
+                took.add(adapter.name)
         except TypeError:
-            continue
+            out.append(adapter)
     if not took:
-        raise OptionError(f"adapt={{{where!r}: {dict(params)!r}}}: no adapter takes these "
-                          "parameters; name one with {'adapter': '<name>', ...}")
-    return out
+        raise OptionError(f"adapt={{{where!r}: {dict(params)!r}}}: none of the adapters "
+                          f"{[a.name for a in pool]} takes these parameters")
+    return out, took
 
 
 class AdapterChoice:
@@ -89,6 +90,14 @@ class AdapterChoice:
         self.default = default
         self.per_tensor = per_tensor
         self.extra = extra
+        self.given: dict[str, tuple[dict[str, Any], set[str]]] = {}  # tensor -> its parameters
+
+    def check_taken(self, name: str, adapter: str) -> None:
+        """Per-tensor parameters the adapter that handles the tensor did not take: an error."""
+        params, took = self.given.get(name, (None, None))
+        if params is not None and adapter not in took:
+            raise OptionError(f"adapt={{{name!r}: {params!r}}}: {adapter!r}, the adapter that "
+                              "handles this tensor, does not take these parameters")
 
     @classmethod
     def build(cls, adapt: Any, model: torch.nn.Module, extra: list[Adapter]) -> AdapterChoice:
@@ -128,6 +137,7 @@ class AdapterChoice:
             tensors[key] = value
         default = [chosen[a.name] for a in known if a.name in chosen]
         per_tensor: dict[str, list[Adapter]] = {}
+        given: dict[str, tuple[dict[str, Any], set[str]]] = {}
         for key, value in tensors.items():
             if value is False:
                 per_tensor[key] = []
@@ -145,8 +155,11 @@ class AdapterChoice:
                 elif only:
                     per_tensor[key] = [_configured(pool[0], params, key)]
                 else:
-                    per_tensor[key] = _configured_some(pool, params, key)
-        return cls(default, per_tensor, extra)
+                    per_tensor[key], took = _configured_some(pool, params, key)
+                    given[key] = (params, took)
+        choice = cls(default, per_tensor, extra)
+        choice.given = given
+        return choice
 
     def for_tensor(self, name: str) -> list[Adapter]:
         own = self.per_tensor.get(name)
@@ -189,6 +202,7 @@ def make_adapter(model: torch.nn.Module, adapt: Any, labels: Any,
                 f"checkpoint {list(ref.shape)} -> model {list(slot.shape)}; pass "
                 f"adapt={{{name!r}: {found[0].adapter!r}}} to choose one, or "
                 f"adapt={{{name!r}: False}} to keep the shape error")
+        choice.check_taken(name, found[0].adapter)
         if isinstance(found[0].ops, Keep):
             return found[0].ops
         return TransformRef(ref, found[0].ops, found[0].adapter)

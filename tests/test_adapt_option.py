@@ -102,6 +102,7 @@ def test_keep_answer_reports_kept_and_keeps_the_model_value(monkeypatch) -> None
     assert torch.equal(model.index, torch.arange(25)) and torch.equal(model.proj.weight,
                                                                      src.proj.weight)
     assert report.missing_keys == [] and report.ok
+    assert report.loaded_fraction == 1.0  # a kept tensor is not counted as left unloaded
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

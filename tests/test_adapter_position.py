@@ -60,7 +60,7 @@ def test_transformers_roles_match_their_interpolate_pos_encoding(kind: str, pref
         expected = src.embeddings.interpolate_pos_encoding(
             torch.zeros(1, prefix + new * new, 32), new * patch, new * patch)
     expected = expected[0] if rows else expected
-    report = tg.load(model, src.state_dict(), adapt={name: {"antialias": own}})
+    report = tg.load(model, src.state_dict())  # the default is the framework's own choice
     assert torch.equal(stored(model)[1], expected)
     (entry,) = report.by_action("adapted")
     assert entry.target == name and f"prefix_tokens={prefix}" in entry.reason
@@ -75,7 +75,7 @@ def test_transformers_roles_match_their_interpolate_pos_encoding(kind: str, pref
 
 def test_vit_at_384_computes_what_vit_224_interpolating_computes() -> None:
     src, model = hf("vit", 224), hf("vit", 384, 1)
-    tg.load(model, src.state_dict(), adapt={"position_embedding": {"antialias": False}})
+    tg.load(model, src.state_dict())  # transformers' own choice (no antialias) by default
     x = torch.rand(2, 3, 384, 384)
     with torch.no_grad():
         assert torch.equal(model(x).last_hidden_state,
@@ -84,7 +84,7 @@ def test_vit_at_384_computes_what_vit_224_interpolating_computes() -> None:
 
 def test_rectangular_transformers_target_grid() -> None:
     src, model = hf("vit", 224), hf("vit", (224, 320), 1)
-    tg.load(model, src.state_dict(), adapt={"position_embedding": {"antialias": False}})
+    tg.load(model, src.state_dict())
     with torch.no_grad():
         expected = src.embeddings.interpolate_pos_encoding(torch.zeros(1, 281, 32), 224, 320)
     assert torch.equal(model.embeddings.position_embeddings, expected)
@@ -95,7 +95,7 @@ def test_dinov2_built_for_another_image_size() -> None:
     the grid resampled once at load, and (antialias=False, Dinov2's own choice) then computes
     exactly what the 518 model computes on a 224 image."""
     src, model = hf("dinov2", 518, 0, 14), hf("dinov2", 224, 1, 14)
-    report = tg.load(model, src.state_dict(), adapt={"position_embedding": {"antialias": False}})
+    report = tg.load(model, src.state_dict())
     assert model.embeddings.position_embeddings.shape == (1, 257, 32)
     assert "from=37x37 (assumed square)" in report.by_action("adapted")[0].reason
     x = torch.rand(2, 3, 224, 224)

@@ -358,10 +358,12 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
                        "matched": c.fit[1] if c.fit and c.fit[1] >= 0 else None}
                       for c in ranked if c is not cand],
         placeholders=list(ckpt.placeholders),
-        loaded_fraction=loaded_fraction(all_slots, _loaded_groups(all_slots, entries))
+        loaded_fraction=loaded_fraction(all_slots, _loaded_groups(all_slots, entries),
+                                        _loaded_groups(all_slots, entries, ("kept",)))
         if groups else p.loaded_fraction,
         adapted_fraction=loaded_fraction(all_slots, _loaded_groups(all_slots, entries,
-                                                                   ("adapted",)))
+                                                                   ("adapted",)),
+                                         _loaded_groups(all_slots, entries, ("kept",)))
         if groups else p.adapted_fraction,
         options=opts.describe(),
     )

@@ -219,9 +219,10 @@ def make_plan(slots: dict[str, Slot], refs: dict[str, TensorRef], names: NameMap
         plan.entries.append(Entry(None, src, action, ref.shape, None, _dtype(ref.dtype), None,
                                   reason))
     plan.copies = list(copies.values())
-    plan.loaded_fraction = loaded_fraction(slots, copies)
+    kept = {slots[e.target].group for e in entries if e.action == "kept"}
+    plan.loaded_fraction = loaded_fraction(slots, copies, kept)
     adapted = {slots[e.target].group for e in entries if e.action == "adapted"}
-    plan.adapted_fraction = loaded_fraction(slots, adapted) if adapted else 0.0
+    plan.adapted_fraction = loaded_fraction(slots, adapted, kept) if adapted else 0.0
     return plan
 
 
@@ -240,15 +241,20 @@ def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if b else a
 
 
-def loaded_fraction(slots: dict[str, Slot], loaded_groups: Iterable[int]) -> float:
-    """Fraction of the model's elements (tied tensors counted once) in ``loaded_groups``."""
+def loaded_fraction(slots: dict[str, Slot], loaded_groups: Iterable[int],
+                    kept_groups: Iterable[int] = ()) -> float:
+    """Fraction of the model's elements (tied tensors counted once) in ``loaded_groups``;
+    ``kept_groups`` (the model's own value is the right one: an index buffer built for its
+    window, a value its own loading code keeps) are not counted at all."""
     sizes: dict[int, int] = {}
     for slot in slots.values():
         sizes[slot.group] = math.prod(slot.shape)
+    for g in kept_groups:
+        sizes.pop(g, None)
     total = sum(sizes.values())
     if total == 0:
         return 1.0 if not slots else 0.0
-    return sum(sizes[g] for g in set(loaded_groups)) / total
+    return sum(sizes.get(g, 0) for g in set(loaded_groups)) / total
 
 
 def plan_error(report: LoadReport, n_source: int, mismatch: str | None, strict: bool,

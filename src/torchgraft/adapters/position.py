@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..transforms import Keep, Op, kind_of
+from ..transforms import Keep, Op, Role, kind_of
 
 LAYOUTS = ("tokens", "rows", "nhwc", "nchw")
 MODES = ("bicubic", "bilinear")
@@ -103,8 +103,10 @@ class PositionEmbedding:
     checkpoint grid is assumed square; any other count needs ``source_grid``
     (``adapt={"<tensor>": {"source_grid": (h, w)}}``), else the load is refused with
     :class:`~torchgraft.errors.AmbiguousAdapterError`. ``mode`` (``"bicubic"``, ``"bilinear"``)
-    and ``antialias`` (default True, as timm; False is what transformers' and mmpretrain's own
-    ``interpolate_pos_encoding`` / ``resize_pos_embed`` compute) are parameters too.
+    and ``antialias`` are parameters too; ``antialias`` defaults to what the model's framework
+    itself computes (timm's ``resample_abs_pos_embed``: True; transformers'
+    ``interpolate_pos_encoding``: False, except Dinov2-with-registers), so the numbers are the
+    framework's own.
 
     A persistent ``position_ids`` index buffer of the embedding (role ``position_ids``) is kept
     as the model built it: the checkpoint's indexes are for the old grid."""
@@ -114,12 +116,12 @@ class PositionEmbedding:
     default = True
 
     def __init__(self, source_grid: tuple[int, int] | None = None, mode: str = "bicubic",
-                 antialias: bool = True) -> None:
+                 antialias: bool | None = None) -> None:
         from ..errors import OptionError
 
         if mode not in MODES:
             raise OptionError(f"position_embedding: mode={mode!r}: expected one of {MODES}")
-        if not isinstance(antialias, bool):
+        if antialias is not None and not isinstance(antialias, bool):
             raise OptionError(f"position_embedding: antialias={antialias!r}: expected True or "
                               "False")
         self.source_grid = None if source_grid is None else _pair(source_grid, "source_grid")
@@ -127,7 +129,7 @@ class PositionEmbedding:
         self.antialias = antialias
 
     def configured(self, source_grid: Any = None, mode: str = "bicubic",
-                   antialias: bool = True) -> PositionEmbedding:
+                   antialias: bool | None = None) -> PositionEmbedding:
         """This adapter with parameters (``adapt={"position_embedding": {...}}`` or per
         tensor)."""
         return PositionEmbedding(source_grid, mode, antialias)
@@ -155,7 +157,7 @@ class PositionEmbedding:
                 raise OptionError(f"adapt={{{name!r}: {{'source_grid': {self.source_grid}}}}}:"
                                   f" the checkpoint's {name} {list(src_shape)} stores a "
                                   f"{old[0]}x{old[1]} grid")
-            return self._ops(old, grid, prefix, layout, "")
+            return self._ops(old, grid, prefix, layout, "", role)
         n_old = (src_shape[1] if layout == "tokens" else src_shape[0]) - prefix
         if n_old <= 0:
             return None
@@ -167,7 +169,7 @@ class PositionEmbedding:
                                   f" the checkpoint's {name} has {n_old} grid positions (after "
                                   f"{prefix} prefix token(s)), not "
                                   f"{self.source_grid[0] * self.source_grid[1]}")
-            return self._ops(self.source_grid, grid, prefix, layout, "given")
+            return self._ops(self.source_grid, grid, prefix, layout, "given", role)
         side = math.isqrt(n_old)
         if side * side != n_old:
             from ..errors import AmbiguousAdapterError
@@ -179,8 +181,12 @@ class PositionEmbedding:
                 f"so the old grid is ambiguous (it could be {options or 'any factor pair'}). "
                 f'Pass adapt={{"{name}": {{"source_grid": (h, w)}}}} with the checkpoint\'s '
                 f'grid, or adapt={{"{name}": False}} to keep the shape error')
-        return self._ops((side, side), grid, prefix, layout, "assumed square")
+        return self._ops((side, side), grid, prefix, layout, "assumed square", role)
 
-    def _ops(self, old: tuple, new: tuple, prefix: int, layout: str, source: str) -> list[Op]:
+    def _ops(self, old: tuple, new: tuple, prefix: int, layout: str, source: str,
+             role: Any = None) -> list[Op]:
+        antialias = self.antialias
+        if antialias is None:  # the framework's own choice
+            antialias = bool(role.get("antialias", True)) if isinstance(role, Role) else True
         return [resample_grid((int(old[0]), int(old[1])), (int(new[0]), int(new[1])), prefix,
-                              self.mode, self.antialias, layout, source)]
+                              self.mode, antialias, layout, source)]

@@ -16,9 +16,15 @@ import torch
 from ..transforms import Role
 
 
-def _role(grid: Any, prefix: int, layout: str) -> Role:
+def _role(grid: Any, prefix: int, layout: str, antialias: bool = True) -> Role:
+    """``antialias``: what the framework's own resampling uses (timm: True; transformers'
+    ``interpolate_pos_encoding``: False, except the few models listed in ``_HF_ANTIALIAS``)."""
     return Role("pos_embed", (("grid", (int(grid[0]), int(grid[1]))), ("prefix_tokens", prefix),
-                              ("layout", layout)))
+                              ("layout", layout), ("antialias", antialias)))
+
+
+# transformers embeddings whose own interpolate_pos_encoding resamples with antialias=True
+_HF_ANTIALIAS = {"Dinov2WithRegistersEmbeddings"}
 
 
 def timm_pos_embed_role(module: torch.nn.Module) -> Role | None:
@@ -91,7 +97,7 @@ def _embedding_role(module: torch.nn.Module) -> tuple[str, Role] | None:
     prefix = tokens - grid[0] * grid[1]
     if not 0 <= prefix <= capacity:
         return None  # tokens after the grid (YOLOS detection tokens...): not this layout
-    return key, _role(grid, prefix, layout)
+    return key, _role(grid, prefix, layout, type(module).__name__ in _HF_ANTIALIAS)
 
 
 def transformers_position_roles(model: torch.nn.Module, prefix: str = "") -> dict[str, Any]:

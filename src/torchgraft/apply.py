@@ -35,7 +35,7 @@ import torch
 from .errors import PartialLoadError
 from .plan import Copy
 from .staged import copy_staged, stageable
-from .targets import DESTINATIONS, Accelerator, Destination, destination_for
+from .targets import DESTINATIONS, Accelerator, Destination, FreshForMeta, destination_for
 from .tensors import ByteSpan, byte_view
 
 CHUNK_BYTES = 16 * 1024 * 1024
@@ -58,17 +58,20 @@ class _Work:
         self.small: list[tuple[str, int, int, int, Copy]] = []  # (path, start, end, ptr, copy)
         self.other: list[Copy] = []  # everything else: the destination writes the reference
         self.dest: dict[int, Destination] = {}  # none for a CPU tensor filled in place
-        self.spans: dict[int, ByteSpan] = {}
+        self.spans: dict[int, ByteSpan] = {}  # large raw reads, sliced over threads
+        self.handles: dict[str, Any] = {}  # path -> file handle of the small reads
         threaded = workers > 1 and sys.platform != "win32"
         paths: dict[int, str] = {}
         custom = len(DESTINATIONS) > 1  # else: CPU tensors are filled in place (no object)
         for copy in copies:
             ref = copy.ref
             target = copy.slots[0].tensor
-            if custom or not target.is_cpu:
+            if custom:
                 dest = self.dest[id(copy)] = destination_for(copy)
-            else:
+            elif target.is_cpu:
                 dest = None
+            else:
+                dest = self.dest[id(copy)] = (FreshForMeta if target.is_meta else Accelerator)(copy)
             span = ref.byte_span()
             if span is None or span[2] <= span[1]:
                 self.other.append(copy)
@@ -82,11 +85,12 @@ class _Work:
             else:
                 raw = dest.raw_memory(ref.dtype)
             if raw:
-                self.spans[id(copy)] = span
                 if end - start <= SMALL_BYTES:
                     ptr = (target if dest is None else dest.buffer()).data_ptr()
                     self.small.append((path, start, end, ptr, copy))
+                    self.handles[path] = fh
                     continue
+                self.spans[id(copy)] = span
             if threaded and not isinstance(dest, Accelerator):
                 # read in the pool (preadv releases the GIL), sliced if raw and large
                 self.big.append((path, start, copy))
@@ -162,7 +166,7 @@ def apply_copies(
         if not dests:  # all in place: no per-tensor bookkeeping beyond the lists
             for item in batch:
                 touched[id(item[4])] = item[4]
-            _copy_batch(batch, work.spans[id(batch[0][4])][0])
+            _copy_batch(batch, work.handles[batch[0][0]])
             with lock:
                 done.extend(item[4] for item in batch)
                 if progress:
@@ -170,7 +174,7 @@ def apply_copies(
             return
         for item in batch:
             started(item[4])
-        _copy_batch(batch, work.spans[id(batch[0][4])][0])
+        _copy_batch(batch, work.handles[batch[0][0]])
         with lock:
             for item in batch:
                 finished(item[4])

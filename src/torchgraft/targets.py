@@ -30,6 +30,7 @@ from .plan import Copy
 class Destination:
     """The memory one copy is written into, and what to do once it is filled."""
 
+    __slots__ = ("copy", "tensor")
     writes_model = True  # writing the buffer changes the model (False: only ``finish`` does)
 
     def __init__(self, copy: Copy) -> None:
@@ -52,6 +53,8 @@ class InPlace(Destination):
     """A tensor in CPU memory: filled in place (the apply loop inlines this common case while
     only the built-in destinations are registered)."""
 
+    __slots__ = ()
+
     def raw_memory(self, dtype: torch.dtype) -> bool:
         t = self.tensor
         return t.dtype == dtype and t.is_contiguous()
@@ -61,16 +64,19 @@ class Accelerator(Destination):
     """A tensor on an accelerator: staged through pinned host buffers (``staged.py``), or read
     then copied."""
 
+    __slots__ = ()
+
 
 class FreshForMeta(Destination):
     """A meta-device tensor: a new CPU tensor is filled, then set on every tied name."""
 
+    __slots__ = ("fresh",)
     writes_model = False
 
     def __init__(self, copy: Copy) -> None:
-        super().__init__(copy)
-        t = self.tensor
-        self.fresh = torch.empty(tuple(t.shape), dtype=t.dtype, device="cpu")
+        self.copy = copy
+        self.tensor = t = copy.slots[0].tensor
+        self.fresh = torch.empty(copy.slots[0].shape, dtype=t.dtype, device="cpu")
 
     def buffer(self) -> torch.Tensor:
         return self.fresh

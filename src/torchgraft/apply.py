@@ -32,10 +32,11 @@ from typing import Any
 
 import torch
 
+from . import targets
 from .errors import PartialLoadError
 from .plan import Copy
 from .staged import copy_staged, stageable
-from .targets import DESTINATIONS, Accelerator, Destination, FreshForMeta, destination_for
+from .targets import Accelerator, Destination, FreshForMeta, destination_for
 from .tensors import ByteSpan, byte_view
 
 CHUNK_BYTES = 16 * 1024 * 1024
@@ -62,7 +63,7 @@ class _Work:
         self.handles: dict[str, Any] = {}  # path -> file handle of the small reads
         threaded = workers > 1 and sys.platform != "win32"
         paths: dict[int, str] = {}
-        custom = len(DESTINATIONS) > 1  # else: CPU tensors are filled in place (no object)
+        custom = len(targets.DESTINATIONS) > 1  # else: CPU tensors filled in place, no object
         for copy in copies:
             ref = copy.ref
             target = copy.slots[0].tensor

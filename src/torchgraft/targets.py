@@ -4,8 +4,8 @@ The apply stage asks a reference for its bytes (:meth:`TensorRef.byte_span`) and
 :class:`Destination` for the memory they land in; neither the planner nor the copy loop knows
 the kinds of model tensor. Built in: a tensor in CPU memory (filled in place), a meta-device
 tensor (a fresh CPU tensor, filled, then set on every tied name), an accelerator tensor (staged
-through pinned buffers). Another kind of target (a DTensor shard, ...) is one more class in
-:data:`DESTINATIONS`; until one is registered, such models are refused while planning
+through pinned buffers). Another kind of target (a DTensor shard, ...) is one more class,
+registered with :func:`register_destination`; until one is registered, such models are refused while planning
 (:func:`torchgraft.native_load.check_writable`).
 
 Example:
@@ -104,6 +104,12 @@ def _kind(t: torch.Tensor) -> type[Destination] | None:
 
 
 DESTINATIONS: list[Callable[[torch.Tensor], type[Destination] | None]] = [_kind]
+
+
+def register_destination(pick: Callable[[torch.Tensor], type[Destination] | None]) -> None:
+    """Add a kind of target: ``pick(model_tensor)`` returns a :class:`Destination` subclass for
+    the tensors it handles, else None; asked before the ones registered earlier."""
+    DESTINATIONS.append(pick)
 
 
 def destination_for(copy: Copy) -> Destination:

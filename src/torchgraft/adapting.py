@@ -175,10 +175,14 @@ def make_adapter(model: torch.nn.Module, adapt: Any, labels: Any,
     """
     if adapt is False:
         return None
-    from .adapters.rows import ClassifierRows
+    extra: list[Adapter] = []
+    if labels is not None:
+        from .adapters.rows import ClassifierRows
 
-    extra = [ClassifierRows(labels)] if labels is not None else []
-    choice = AdapterChoice.build(adapt, model, extra)
+        extra = [ClassifierRows(labels)]
+    chosen: list[AdapterChoice] = []
+    if adapt not in ("auto", True) or extra:  # options are checked before planning goes on
+        chosen.append(AdapterChoice.build(adapt, model, extra))
     cache: list[dict[str, Any]] = []
 
     def get_roles() -> dict[str, Any]:
@@ -192,6 +196,9 @@ def make_adapter(model: torch.nn.Module, adapt: Any, labels: Any,
         return cache[0]
 
     def adapt_one(name: str, ref: TensorRef, slot: Slot) -> TensorRef | Keep | None:
+        if not chosen:  # the default: the adapter registry is loaded only when a shape differs
+            chosen.append(AdapterChoice.build(adapt, model, extra))
+        choice = chosen[0]
         found = propose(name, role_of(name, get_roles()), ref.shape, slot.shape,
                         choice.for_tensor(name))
         if not found:

@@ -143,3 +143,17 @@ def test_cli_check_diff_and_convert_share_the_adapted_plan(tmp_path: Path, rgb_s
         if "report" in plan else {e["target"] for e in plan["entries"]
                                   if e["action"] == "adapted"}
     assert adapted == {"conv1.weight", "fc.weight", "fc.bias"}
+
+
+def test_cli_names_an_adapter_refusal_once_and_the_option_decides(tmp_path: Path) -> None:
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(224, 320))
+    path = tmp_path / "rect.pth"
+    torch.save(src.state_dict(), path)
+    spec = "timm:vit_tiny_patch16_224?img_size=384"
+    for cmd in (["check", str(path), "--model", spec], ["diff", str(path), spec]):
+        out = _cli(*cmd, cwd=tmp_path)
+        assert out.returncode == 1 and out.stdout.count("source_grid") == 1, out.stdout
+        assert "0/0 tensors" not in out.stdout and "--min-loaded" not in out.stdout
+    ok = _cli("check", str(path), "--model", spec, "--adapt",
+              '{"pos_embed": {"source_grid": [14, 20]}}', cwd=tmp_path)
+    assert ok.returncode == 0 and "from=14x20 (given)" in ok.stdout, ok.stdout + ok.stderr

@@ -83,8 +83,11 @@ def run(args: argparse.Namespace) -> int:
     except AmbiguousRenameError as err:
         return _ambiguous(args, err)
     reasons = []
+    refused = not report.ok and not report.entries  # refused while planning (no entries yet)
     mism, names_differ = report.mismatched, report.missing_keys or report.unexpected_keys
-    if not report.ok and mism and options["mismatch"] != "skip":
+    if refused:
+        reasons.append(str(report.error))
+    elif not report.ok and mism and options["mismatch"] != "skip":
         reasons.append(f"{len(mism)} tensor(s) match by name but not by shape "
                        "(--mismatch skip loads the rest)")
     elif not report.ok and not (args.strict and names_differ):
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.strict and names_differ:
         reasons.append(f"--strict: {len(report.missing_keys)} missing and "
                        f"{len(report.unexpected_keys)} unexpected tensor(s)")
-    if report.loaded_fraction < args.min_loaded:
+    if report.loaded_fraction < args.min_loaded and not refused:
         reasons.append(f"only {fmt_fraction(report.loaded_fraction)} of the model's elements "
                        f"would be loaded; --min-loaded is {fmt_fraction(args.min_loaded)}")
     code = 1 if reasons else 0
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                     "reasons": [one_line(r) for r in reasons], "report": report.to_dict()})
         return code
     st = Style(sys.stdout)
-    lines = str(_escaped(report)).splitlines()
+    lines = [] if refused else str(_escaped(report)).splitlines()
     if reasons:
         lines += failed_lines(reasons, st)
     else:

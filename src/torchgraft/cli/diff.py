@@ -202,6 +202,10 @@ def _unmatched(title: str, entries: list, shape_of: Any, name_of: Any,
 def _plan_text(out: dict[str, Any], r: Any, st: Style) -> list[str]:
     c = r.counts
     n_model = sum(1 for e in r.entries if e.target is not None)
+    if not r.entries and r.error:  # refused while planning, before any tensor was paired
+        return [st.bold(f"plan: {out['checkpoint']} -> {out['model']}")] + [
+            st.red(("=> tg.load would FAIL: " if i == 0 else "   ") + line)
+            for i, line in enumerate(str(r.error).splitlines())]
     lines = [st.bold(f"plan: {out['checkpoint']} [{r.format}, '{r.selected or '<top>'}'] "
                      f"-> {out['model']}"),
              f"  would load {fmt_fraction(r.loaded_fraction)} of model elements "

@@ -157,3 +157,19 @@ def test_cli_names_an_adapter_refusal_once_and_the_option_decides(tmp_path: Path
     ok = _cli("check", str(path), "--model", spec, "--adapt",
               '{"pos_embed": {"source_grid": [14, 20]}}', cwd=tmp_path)
     assert ok.returncode == 0 and "from=14x20 (given)" in ok.stdout, ok.stdout + ok.stderr
+
+
+def test_naming_a_tensor_asks_for_asked_only_adapters_and_labels_take_arrays(rgb_state) -> None:
+    import numpy as np
+
+    net2d = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3))
+    net3d = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3), torch.nn.Conv3d(4, 4, 3))
+    with pytest.raises(tg.ShapeMismatchError):
+        tg.load(net3d, net2d.state_dict())
+    report = tg.load(net3d, net2d.state_dict(), adapt={"1.weight": True, "0.weight": True})
+    assert sorted(e.target for e in report.by_action("adapted")) == ["0.weight", "1.weight"]
+    assert torch.allclose(net3d[1].weight.sum(2), net2d[1].weight, atol=1e-6)  # mean inflation
+    for labels in (np.array([5, 1, 0]), torch.tensor([5, 1, 0])):
+        model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+        tg.load(model, rgb_state, labels=labels)
+        assert torch.equal(model.fc.weight, rgb_state["fc.weight"][[5, 1, 0]])

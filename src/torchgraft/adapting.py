@@ -11,8 +11,10 @@
   ``{"inflate_3d": True}`` adds an adapter, ``{"position_embedding": False}`` removes one,
   ``{"position_embedding": {"source_grid": (14, 20)}}`` configures one,
   ``{"pos_embed": False}`` leaves one tensor alone, ``{"pos_embed": "position_embedding"}``
-  allows only that adapter on it, ``{"pos_embed": {"source_grid": (14, 20)}}`` configures the
-  adapters asked for that tensor only.
+  allows only that adapter on it, ``{"stem.weight": True}`` asks every adapter for it (the
+  only-when-asked ones too; two that apply are refused as ambiguous),
+  ``{"pos_embed": {"source_grid": (14, 20)}}`` configures the adapters asked for that tensor
+  only.
 
 Example:
     >>> import torch
@@ -141,8 +143,8 @@ class AdapterChoice:
         for key, value in tensors.items():
             if value is False:
                 per_tensor[key] = []
-            elif value is True:
-                per_tensor[key] = list(default)
+            elif value is True:  # naming the tensor asks for every adapter, default or not
+                per_tensor[key] = [chosen.get(a.name, a) for a in known]
             elif isinstance(value, str):
                 per_tensor[key] = [chosen.get(value) or named(value, f"{{{key!r}: {value!r}}}")]
             else:

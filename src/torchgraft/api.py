@@ -191,12 +191,8 @@ class LoadOptions:
     labels: Any = None
 
     def __post_init__(self) -> None:
-        lab = self.labels
-        if lab is not None and not (
-                (isinstance(lab, int) and not isinstance(lab, bool))
-                or (hasattr(lab, "__len__") and not isinstance(lab, (str, bytes)))):
-            raise OptionError(f"labels={lab!r}: expected a list of checkpoint class indices "
-                              "(one per model class) or an int offset")
+        if self.labels is not None:
+            object.__setattr__(self, "labels", _labels(self.labels))
         check_adapt_option(self.adapt)
         for name in ("auto", "strict", "trust", "timm_filter", "hooks"):
             value = getattr(self, name)
@@ -228,6 +224,24 @@ class LoadOptions:
                 else self.adapt,
                 "labels": self.labels if self.labels is None or isinstance(self.labels, int)
                 else f"{len(self.labels)} class indices"}
+
+
+def _labels(lab: Any) -> int | tuple[int, ...]:
+    """``labels=`` as an int offset or a tuple of ints (from a list, array or tensor)."""
+    import operator
+
+    bad = OptionError(f"labels={lab!r}: expected a list of checkpoint class indices (one per "
+                      "model class; a list, array or tensor of ints) or an int offset")
+    if isinstance(lab, (bool, str, bytes)):
+        raise bad
+    try:
+        if hasattr(lab, "__len__") and getattr(lab, "ndim", 1) == 1:
+            return tuple(operator.index(i) for i in lab)
+        if getattr(lab, "ndim", 0) == 0:
+            return operator.index(lab)
+    except TypeError:
+        pass
+    raise bad
 
 
 def _check_model(model: Any, source: Any) -> None:

@@ -378,6 +378,15 @@ def test_mmpretrain_vit_finetuned_at_another_resolution(tmp_path):
     (entry,) = report.by_action("adapted")
     assert entry.target == "pos_embed" and entry.source_shape == (1, 197, 192)
     assert entry.target_shape == (1, 577, 192) and "_prepare_pos_embed" in entry.reason
+    from torchgraft.convert import convert  # the file convert --model writes needs no hook
+
+    result = convert(tmp_path / "vit224.pth", tmp_path / "vit384.safetensors", model=vit(384),
+                     prefix="backbone", verify=True)
+    assert result.verified and "pos_embed" in result.names
+    again = vit(384)
+    report = tg.load(again, tmp_path / "vit384.safetensors")
+    assert report.ok and not report.by_action("adapted") and report.loaded_fraction == 1.0
+    _same(dict(ref.state_dict()), dict(again.state_dict()))
 
 
 # --- options and partial loads --------------------------------------------------------------

@@ -48,7 +48,7 @@ from .formats.safetensors_file import DTYPE_NAMES
 from .names import Rename, map_names
 from .progress import ProgressBar
 from .report import LoadReport
-from .tensors import TensorRef
+from .tensors import MemoryRef, TensorRef
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
@@ -153,6 +153,9 @@ def select_items(src: Any, *, select: str | None = None, prefix: str | None = No
         for copy in planned.copies:  # the plan's own references: adapted ones are computed
             for slot in copy.slots:
                 computed[slot.name] = copy.ref
+        for group in planned.groups:  # values the model's own loading code computed
+            for name, value in group.computed.items():
+                computed[name] = MemoryRef(value.detach())
         pairs = [(e.target, e.source) for e in report.entries
                  if e.action in ("copied", "cast", "adapted") and e.target and e.source
                  and (e.action != "adapted" or e.target in computed)]

@@ -58,6 +58,7 @@ class NativeGroup:
     sources: dict[str, str] = field(default_factory=dict)  # model name -> checkpoint name
     skip: set[str] = field(default_factory=set)  # names dropped after the hooks (tolerated)
     has_meta: bool = False
+    computed: dict[str, Any] = field(default_factory=dict)  # name -> value a hook computed (dry run)
 
 
 def _hook_name(hook: Any) -> str:
@@ -428,6 +429,8 @@ def plan_group(group: NativeGroup, tolerate: Callable[[str], str | None]) -> lis
         if src:
             used.add(src)
         by = run.changed_by.get(name, why_native)
+        if isinstance(seen, torch.Tensor):
+            group.computed[name] = seen  # what convert --model writes for it
         entries.append(Entry(name, src, "adapted", _shp(original) or _shp(seen), tshape,
                              _dt(original) or _dt(seen), tdt, f"computed by {by}"))
     unexpected = set(run.unexpected)

@@ -26,10 +26,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import re
+import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -347,6 +351,22 @@ def _shp(value: Any) -> tuple[int, ...] | None:
     return tuple(value.shape)
 
 
+@contextlib.contextmanager
+def held_back() -> Iterator[io.StringIO]:
+    """The dry run's prints, log records and warnings are held back (the real run at apply
+    time emits them once); what was printed is yielded, for an error message."""
+    said = io.StringIO()
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(said), \
+                contextlib.redirect_stderr(said):
+            warnings.simplefilter("ignore")
+            yield said
+    finally:
+        logging.disable(previous)
+
+
 def plan_group(group: NativeGroup, tolerate: Callable[[str], str | None]) -> list[Any]:
     """Dry-run torch's loading of ``group`` on copies; return its report entries.
 
@@ -356,16 +376,23 @@ def plan_group(group: NativeGroup, tolerate: Callable[[str], str | None]) -> lis
     """
     from .report import Entry
 
-    dup = dry_copy(group)
-    run = run_torch_load(dup, clone_values(group.state), group.prefix, group.metadata)
-    mism = run.mismatched
-    skip = {k: why for k in mism if (why := tolerate(k)) is not None}
-    first = run
-    if skip:
-        group.skip = set(skip)
-        dup = dry_copy(group)
-        run = run_torch_load(dup, clone_values(group.state), group.prefix, group.metadata,
-                             group.skip)
+    with held_back() as said:
+        try:
+            dup = dry_copy(group)
+            run = run_torch_load(dup, clone_values(group.state), group.prefix, group.metadata)
+            mism = run.mismatched
+            skip = {k: why for k in mism if (why := tolerate(k)) is not None}
+            first = run
+            if skip:
+                group.skip = set(skip)
+                dup = dry_copy(group)
+                run = run_torch_load(dup, clone_values(group.state), group.prefix,
+                                     group.metadata, group.skip)
+        except LoadHookError as err:
+            text = said.getvalue().strip()
+            if text:  # what the hook printed or logged before failing helps to fix it
+                err.args = (f"{err.args[0]}\n  it printed: {text[-1000:]}",) + err.args[1:]
+            raise
     other = [e for e in run.errors if not _SIZE_MISMATCH.match(e)]
     if other:
         raise LoadHookError(

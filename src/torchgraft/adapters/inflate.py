@@ -61,7 +61,9 @@ class Inflate3d:
 
     def __init__(self, how: str = "mean") -> None:
         if how not in HOWS:
-            raise TypeError(f"how={how!r}: expected one of {HOWS}")
+            from ..errors import OptionError
+
+            raise OptionError(f"inflate_3d: how={how!r}: expected one of {HOWS}")
         self.how = how
 
     def configured(self, how: str = "mean") -> Inflate3d:

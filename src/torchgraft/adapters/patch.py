@@ -79,7 +79,9 @@ class PatchEmbedding:
 
     def __init__(self, mode: str = "bicubic", antialias: bool = True) -> None:
         if mode not in MODES:
-            raise TypeError(f"mode={mode!r}: expected one of {MODES}")
+            from ..errors import OptionError
+
+            raise OptionError(f"patch_embed: mode={mode!r}: expected one of {MODES}")
         self.mode = mode
         self.antialias = bool(antialias)
 

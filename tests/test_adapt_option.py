@@ -173,3 +173,21 @@ def test_naming_a_tensor_asks_for_asked_only_adapters_and_labels_take_arrays(rgb
         model = timm.create_model("resnet18", pretrained=False, num_classes=3)
         tg.load(model, rgb_state, labels=labels)
         assert torch.equal(model.fc.weight, rgb_state["fc.weight"][[5, 1, 0]])
+
+
+def test_labels_into_a_model_whose_framework_names_no_classifier() -> None:
+    """torchvision declares no classifier: labels= says how to name it, and then works."""
+    torchvision = pytest.importorskip("torchvision")
+    src = torchvision.models.resnet18()
+    model = torchvision.models.resnet18(num_classes=3)
+    before = model.fc.weight.detach().clone()
+    with pytest.raises(tg.OptionError, match="classifier_rows"):
+        tg.load(model, src.state_dict(), labels=[9, 2, 7])
+    assert torch.equal(model.fc.weight, before)
+    named = {"fc.weight": "classifier_rows", "fc.bias": "classifier_rows"}
+    report = tg.load(model, src.state_dict(), labels=[9, 2, 7], adapt=named)
+    assert torch.equal(model.fc.weight, src.fc.weight[[9, 2, 7]])
+    assert torch.equal(model.fc.bias, src.fc.bias[[9, 2, 7]])
+    assert sorted(e.target for e in report.by_action("adapted")) == ["fc.bias", "fc.weight"]
+    with pytest.raises(tg.OptionError, match="runs with labels="):  # named without labels=
+        tg.load(model, src.state_dict(), adapt=named)

@@ -105,8 +105,13 @@ class AdapterChoice:
     def build(cls, adapt: Any, model: torch.nn.Module, extra: list[Adapter]) -> AdapterChoice:
         known = registered_adapters()
         by_name = {a.name: a for a in known}
+        for adapter in extra:  # built for this load's options (labels=): nameable per tensor
+            by_name.setdefault(adapter.name, adapter)
 
         def named(name: str, where: str) -> Adapter:
+            if name == "classifier_rows" and name not in by_name:
+                raise OptionError(f"adapt={where}: classifier_rows runs with labels= (one "
+                                  "checkpoint class index per model class, or an offset)")
             if name not in by_name:
                 raise OptionError(f"adapt={where}: no adapter named {name!r}; registered: "
                                   f"{sorted(by_name)}")
@@ -189,12 +194,19 @@ def make_adapter(model: torch.nn.Module, adapt: Any, labels: Any,
 
     def get_roles() -> dict[str, Any]:
         if not cache:  # only when some tensor does not fit, or labels= is given
-            cache.append(roles())
-            if extra and "classifier" not in {kind_of(r) for r in cache[0].values()}:
-                raise OptionError(
-                    "labels= needs the model's classifier, and this model's framework does not "
-                    "name one (timm: pretrained_cfg['classifier']); pass adapt=False and "
-                    "rename= instead, or a model that declares its classifier")
+            found = dict(roles())
+            if extra:  # tensors the user named for classifier_rows are the classifier
+                named = [k for k, pool in chosen[0].per_tensor.items()
+                         if any(a.name == "classifier_rows" for a in pool)]
+                for key in named:
+                    found[key] = "classifier"
+                if "classifier" not in {kind_of(r) for r in found.values()}:
+                    raise OptionError(
+                        "labels= needs the model's classifier, and this model's framework does "
+                        "not name one (timm: pretrained_cfg['classifier']); name its tensors: "
+                        "adapt={'fc.weight': 'classifier_rows', 'fc.bias': 'classifier_rows'} "
+                        "(with your model's names)")
+            cache.append(found)
         return cache[0]
 
     def adapt_one(name: str, ref: TensorRef, slot: Slot) -> TensorRef | Keep | None:

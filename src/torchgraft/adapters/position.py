@@ -175,12 +175,18 @@ class PositionEmbedding:
             from ..errors import AmbiguousAdapterError
 
             options = ", ".join(f"{h}x{w}" for h, w in _grid_candidates(n_old, grid))
+            other = [k for k in range(0, 9) if k != prefix and n_old + prefix - k > 0
+                     and math.isqrt(n_old + prefix - k) ** 2 == n_old + prefix - k]
+            hint = (f" (With {other[0]} prefix token(s) instead of the model's {prefix} it would "
+                    "be a square grid: if the checkpoint's class/distillation/register tokens "
+                    "differ from the model's, that is not adapted; build the model with the "
+                    "checkpoint's tokens.)" if other and other[0] <= prefix + 8 else "")
             raise AmbiguousAdapterError(
                 f"{name}: the checkpoint's position embedding has {n_old + prefix} positions; "
                 f"with {prefix} prefix token(s) its {n_old} grid positions are no square grid, "
                 f"so the old grid is ambiguous (it could be {options or 'any factor pair'}). "
                 f'Pass adapt={{"{name}": {{"source_grid": (h, w)}}}} with the checkpoint\'s '
-                f'grid, or adapt={{"{name}": False}} to keep the shape error')
+                f'grid, or adapt={{"{name}": False}} to keep the shape error.{hint}')
         return self._ops((side, side), grid, prefix, layout, "assumed square", role)
 
     def _ops(self, old: tuple, new: tuple, prefix: int, layout: str, source: str,

@@ -180,6 +180,16 @@ def run_demo(folder: str | None = None, out: TextIO | None = None) -> bool:
         with torch.no_grad():
             x = torch.randn(2, 3, 32, 32)
             verdict(torch.equal(plain(x), ddp_src(x)), "and the outputs are identical")
+        say("\n== (d) RGB checkpoint -> grey-image backbone (an adapter) ==")
+        say("$ tg.load(ConvNeXtV2(in_chans=1), 'convnextv2_epoch100.pth', prefix='backbone')")
+        torch.manual_seed(5)
+        grey = ConvNeXtV2(in_chans=1).eval()
+        say(str(load(grey, path, prefix="backbone")))
+        with torch.no_grad():
+            x = torch.rand(2, 1, 32, 32)
+            same = torch.allclose(grey(x), src.backbone(x.expand(-1, 3, -1, -1)), atol=1e-5)
+        verdict(same, "on a grey image it computes what the RGB backbone computes on that image "
+                      "in 3 channels")
     say("\ndemo " + ("passed" if ok else "FAILED") + f"; files were written to {folder}"
         + (" (removed)" if folder == tmp else ""))
     return ok

@@ -191,3 +191,13 @@ def test_labels_into_a_model_whose_framework_names_no_classifier() -> None:
     assert sorted(e.target for e in report.by_action("adapted")) == ["fc.bias", "fc.weight"]
     with pytest.raises(tg.OptionError, match="runs with labels="):  # named without labels=
         tg.load(model, src.state_dict(), adapt=named)
+
+
+def test_a_tensor_left_alone_is_left_alone_by_labels_too(rgb_state) -> None:
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    own = model.fc.bias.detach().clone()
+    report = tg.load(model, rgb_state, labels=[4, 5, 6], adapt={"fc.bias": False},
+                     mismatch="skip")
+    assert torch.equal(model.fc.weight, rgb_state["fc.weight"][[4, 5, 6]])
+    assert torch.equal(model.fc.bias, own)  # fc.bias: no adapter at all, a skipped mismatch
+    assert [e.target for e in report.mismatched] == ["fc.bias"]

@@ -149,14 +149,14 @@ class AdapterChoice:
             if value is False:
                 per_tensor[key] = []
             elif value is True:  # naming the tensor asks for every adapter, default or not
-                per_tensor[key] = [chosen.get(a.name, a) for a in known]
+                per_tensor[key] = list(extra) + [chosen.get(a.name, a) for a in known]
             elif isinstance(value, str):
                 per_tensor[key] = [chosen.get(value) or named(value, f"{{{key!r}: {value!r}}}")]
             else:
                 params = dict(value)
                 only = params.pop("adapter", None)
                 pool = ([chosen.get(only) or named(only, f"{{{key!r}: ...}}")] if only
-                        else list(default))
+                        else list(extra) + list(default))
                 if not params:
                     per_tensor[key] = pool
                 elif only:
@@ -169,8 +169,9 @@ class AdapterChoice:
         return choice
 
     def for_tensor(self, name: str) -> list[Adapter]:
+        """The adapters asked for model tensor ``name`` (a per-tensor choice replaces all)."""
         own = self.per_tensor.get(name)
-        return list(self.extra) + (self.default if own is None else own)
+        return list(self.extra) + self.default if own is None else list(own)
 
 
 def make_adapter(model: torch.nn.Module, adapt: Any, labels: Any,

@@ -3,6 +3,7 @@ BEiT), against timm's own ``resize_rel_pos_bias_table`` and timm's pretrained lo
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -250,3 +251,44 @@ def test_tensor_parameters_go_to_the_adapters_that_take_them() -> None:
     modes = {e.target: e.reason.split("mode=")[1] for e in report.by_action("adapted")}
     assert modes.pop(key).startswith("bicubic") and all(m.startswith("geometric")
                                                         for m in modes.values())
+
+
+class _Windowed(torch.nn.Module):
+    """A Swin-style window attention whose index buffer is persistent (as in mmpretrain)."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window_size = (window, window)
+        self.relative_position_bias_table = torch.nn.Parameter(
+            torch.randn((2 * window - 1) ** 2, 2))
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window),
+                                            indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
+        self.register_buffer("relative_position_index", rel[..., 0] * (2 * window - 1)
+                             + rel[..., 1])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(src=st.integers(1, 6), dst=st.integers(1, 6), other=st.lists(st.integers(1, 40),
+                                                                  min_size=1, max_size=3))
+def test_index_buffer_kept_only_when_both_sides_are_window_built(src, dst, other) -> None:
+    """The model keeps its own index only when the file's tensor is an index too (of some
+    window); any other tensor in its place stays a shape error."""
+    sd = dict(_Windowed(src).state_dict())
+    model = _Windowed(dst)
+    built = model.relative_position_index.clone()
+    if src != dst:
+        report = tg.load(model, sd)
+        assert [e.target for e in report.by_action("kept")] == ["relative_position_index"]
+        assert torch.equal(model.relative_position_index, built)
+    sd["relative_position_index"] = torch.zeros(other, dtype=torch.long)
+    square = (len(other) == 2 and other[0] == other[1]) or (
+        len(other) == 1 and math.isqrt(other[0]) ** 2 == other[0])
+    if tuple(other) == tuple(built.shape):
+        return  # fits as is: copied, no adapter asked
+    if square:
+        assert tg.load(model, sd).by_action("kept")
+    else:
+        with pytest.raises(tg.ShapeMismatchError, match="relative_position_index"):
+            tg.load(model, sd)
+    assert torch.equal(model.relative_position_index, built)

@@ -181,8 +181,8 @@ class RelPosIndex:
 
     def propose(self, name: str, role: Any, src_shape: tuple[int, ...],
                 dst_shape: tuple[int, ...]) -> Keep | None:
-        if kind_of(role) != "rel_pos_index":
-            return None
+        if kind_of(role) != "rel_pos_index" or not _window_built(src_shape, role.get("what")):
+            return None  # the checkpoint's tensor is no buffer of that kind: a shape error
         h, w = role.get("window")
         return Keep(f"{role.get('what')} built by the model for window {h}x{w} (the "
                     "checkpoint's is for another window)")
@@ -210,6 +210,19 @@ def _built_buffer(buf: torch.Tensor, h: int, w: int) -> str | None:
     if len(shape) == 3 and shape[1:] == (area, area):
         return "attention mask"
     return None
+
+
+def _window_built(shape: tuple[int, ...], what: str) -> bool:
+    """Whether a checkpoint tensor of ``shape`` is a buffer of kind ``what`` for *some* window
+    (both sides must be window-built for the model's own value to replace the file's)."""
+    if what == "relative position index":
+        return (len(shape) == 2 and shape[0] == shape[1] > 0) or (
+            len(shape) == 1 and shape[0] > 0 and math.isqrt(shape[0]) ** 2 == shape[0])
+    if what == "relative coordinates table":
+        return len(shape) >= 3 and shape[-1] == 2 and shape[-3] % 2 == 1 and shape[-2] % 2 == 1
+    if what == "attention mask":
+        return len(shape) == 3 and shape[1] == shape[2] > 0
+    return False
 
 
 def rel_pos_roles(model: torch.nn.Module) -> dict[str, Any]:

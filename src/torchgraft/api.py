@@ -301,6 +301,7 @@ class _Planned:
     copies: list[Copy]
     groups: list[NativeGroup]
     error: Exception | None
+    refs: dict[str, TensorRef]  # the selected state dict, by checkpoint name (all of it)
 
 
 def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned:
@@ -394,7 +395,7 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
         report, len(cand.tensors), opts.mismatch, opts.strict, tolerated, opts.min_loaded)
     if error is not None:
         report.ok, report.error = False, str(error)
-    return _Planned(report, p.copies, groups, error)
+    return _Planned(report, p.copies, groups, error, cand.tensors)
 
 
 def _loaded_groups(slots: dict[str, Slot], entries: list[Entry],

@@ -148,8 +148,7 @@ def select_items(src: Any, *, select: str | None = None, prefix: str | None = No
         report = planned.report
         if planned.error is not None:
             raise ConvertError(f"the checkpoint does not load into the model: {report.error}")
-        sd = read(src, report.selected, trust=trust)
-        refs = sd.refs
+        refs, fmt = planned.refs, report.format  # the file is read once, by the plan
         for copy in planned.copies:  # the plan's own references: adapted ones are computed
             for slot in copy.slots:
                 computed[slot.name] = copy.ref
@@ -165,7 +164,7 @@ def select_items(src: Any, *, select: str | None = None, prefix: str | None = No
         rules, selected = list(report.rules), report.selected
     else:
         sd = read(src, select, trust=trust)
-        refs, selected = sd.refs, sd.selected
+        refs, selected, fmt = sd.refs, sd.selected, sd.format
         names = map_names({n: r.shape for n, r in refs.items()}, None, prefix=prefix,
                           rename=rename, auto=False)
         pairs = [(names.target[s], s) for s in refs if s in names.target]
@@ -182,7 +181,7 @@ def select_items(src: Any, *, select: str | None = None, prefix: str | None = No
     for flag, globs in (("--keep", keep), ("--drop", drop)):
         if globs:
             rules.append(f"{flag} {' '.join(globs)}")
-    return items, dropped, rules, selected, sd.format, report
+    return items, dropped, rules, selected, fmt, report
 
 
 def _filtered(name: str, drop: Sequence[str], keep: Sequence[str]) -> str | None:

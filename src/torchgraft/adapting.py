@@ -17,18 +17,15 @@
   only.
 
 Example:
-    >>> import torch
-    >>> choice = AdapterChoice.build({"input_channels": False}, torch.nn.Linear(2, 2), [])
+    >>> choice = AdapterChoice.build({"input_channels": False}, ["weight", "bias"], [])
     >>> "input_channels" in [a.name for a in choice.for_tensor("weight")]
     False
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
-
-import torch
 
 from .errors import AmbiguousAdapterError, OptionError
 from .plan import Slot
@@ -102,7 +99,9 @@ class AdapterChoice:
                               "handles this tensor, does not take these parameters")
 
     @classmethod
-    def build(cls, adapt: Any, model: torch.nn.Module, extra: list[Adapter]) -> AdapterChoice:
+    def build(cls, adapt: Any, model_names: Collection[str], extra: list[Adapter]
+              ) -> AdapterChoice:
+        """``model_names``: the model's state-dict names (tensor keys of a dict are checked)."""
         known = registered_adapters()
         by_name = {a.name: a for a in known}
         for adapter in extra:  # built for this load's options (labels=): nameable per tensor
@@ -124,7 +123,6 @@ class AdapterChoice:
             return cls([a for a in known if a in wanted], {}, extra)
         chosen = {a.name: a for a in known if a.default}
         tensors: dict[str, Any] = {}
-        model_names: set[str] | None = None
         for key, value in adapt.items():
             if key in by_name:
                 if value is False:
@@ -136,8 +134,6 @@ class AdapterChoice:
                     chosen[key] = _configured(by_name[key], value if isinstance(value, Mapping)
                                               else {}, key)
                 continue
-            if model_names is None:
-                model_names = set(model.state_dict(keep_vars=True))
             if key not in model_names:
                 raise OptionError(f"adapt={{{key!r}: ...}}: {key!r} is neither an adapter "
                                   f"({sorted(by_name)}) nor a tensor of the model")
@@ -174,7 +170,7 @@ class AdapterChoice:
         return list(self.extra) + self.default if own is None else list(own)
 
 
-def make_adapter(model: torch.nn.Module, adapt: Any, labels: Any,
+def make_adapter(model_names: Collection[str], adapt: Any, labels: Any,
                  roles: Callable[[], dict[str, Any]]) -> Callable[..., Any] | None:
     """The plan's ``adapt(name, ref, slot)`` callback for these options (None: ``adapt=False``).
 
@@ -190,7 +186,7 @@ def make_adapter(model: torch.nn.Module, adapt: Any, labels: Any,
         extra = [ClassifierRows(labels)]
     chosen: list[AdapterChoice] = []
     if adapt not in ("auto", True) or extra:  # options are checked before planning goes on
-        chosen.append(AdapterChoice.build(adapt, model, extra))
+        chosen.append(AdapterChoice.build(adapt, model_names, extra))
     cache: list[dict[str, Any]] = []
 
     def get_roles() -> dict[str, Any]:
@@ -212,7 +208,7 @@ def make_adapter(model: torch.nn.Module, adapt: Any, labels: Any,
 
     def adapt_one(name: str, ref: TensorRef, slot: Slot) -> TensorRef | Keep | None:
         if not chosen:  # the default: the adapter registry is loaded only when a shape differs
-            chosen.append(AdapterChoice.build(adapt, model, extra))
+            chosen.append(AdapterChoice.build(adapt, model_names, extra))
         choice = chosen[0]
         found = propose(name, role_of(name, get_roles()), ref.shape, slot.shape,
                         choice.for_tensor(name))

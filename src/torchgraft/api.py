@@ -360,11 +360,12 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
 
         for group in groups:
             native_entries += plan_group(group, tolerate)
-    adapt = make_adapter(model, opts.adapt, opts.labels, rules.roles)
+    adapt = make_adapter(shapes.keys(), opts.adapt, opts.labels, rules.roles)
     p = make_plan(slots, refs, names, opts.mismatch, classifiers, adapt)
     tolerated |= p.tolerated
     entries = merge_entries(p.entries, native_entries, groups) if groups else p.entries
     all_slots = model_slots(model) if groups else slots
+    kept = _loaded_groups(all_slots, entries, ("kept",)) if groups else set()
     report = LoadReport(
         entries=entries, selected=cand.path, format=ckpt.format,
         source=str(ckpt.path) if ckpt.path else "<in-memory>",
@@ -373,12 +374,10 @@ def _plan(model: torch.nn.Module, source: Source, opts: LoadOptions) -> _Planned
                        "matched": c.fit[1] if c.fit and c.fit[1] >= 0 else None}
                       for c in ranked if c is not cand],
         placeholders=list(ckpt.placeholders),
-        loaded_fraction=loaded_fraction(all_slots, _loaded_groups(all_slots, entries),
-                                        _loaded_groups(all_slots, entries, ("kept",)))
+        loaded_fraction=loaded_fraction(all_slots, _loaded_groups(all_slots, entries), kept)
         if groups else p.loaded_fraction,
-        adapted_fraction=loaded_fraction(all_slots, _loaded_groups(all_slots, entries,
-                                                                   ("adapted",)),
-                                         _loaded_groups(all_slots, entries, ("kept",)))
+        adapted_fraction=loaded_fraction(
+            all_slots, _loaded_groups(all_slots, entries, ("adapted",)), kept)
         if groups else p.adapted_fraction,
         options=opts.describe(),
     )

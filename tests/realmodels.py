@@ -383,26 +383,29 @@ def lightning_checkpoint(
     )
     loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=0)
 
+    name = "lit" + ("_hp" if save_hyperparameters else "")
+    name += "_ns" if hparams_namespace else ""
+    path = fit_and_save(lit, loader, tmp_dir / f"{name}.ckpt")
+    return path, lit.model.eval()
+
+
+def fit_and_save(lit: Any, loader: Any, path: pathlib.Path, max_steps: int = 1) -> pathlib.Path:
+    """Train ``lit`` for ``max_steps`` with a real CPU ``Trainer`` of the Lightning package it
+    derives from (``pytorch_lightning`` or ``lightning.pytorch``), then ``save_checkpoint``."""
+    from torchgraft.integrations.lightning import lightning_package
+
+    pl = lightning_package(type(lit))
     with (
         warnings.catch_warnings(),
         _quiet_loggers("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"),
     ):
         warnings.simplefilter("ignore")
-        trainer = pl.Trainer(
-            max_steps=1,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-            devices=1,
-            default_root_dir=str(tmp_dir),
-        )
+        trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False,
+                             accelerator="cpu", devices=1, default_root_dir=str(path.parent))
         trainer.fit(lit, loader)
-        name = "lit" + ("_hp" if save_hyperparameters else "")
-        name += "_ns" if hparams_namespace else ""
-        path = tmp_dir / f"{name}.ckpt"
         trainer.save_checkpoint(path)
-    return path, lit.model.eval()
+    return path
 
 
 # --------------------------------------------------------------------------- transformers

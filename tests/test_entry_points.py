@@ -347,20 +347,10 @@ def _lit():
 
 def _fit(lit, path):
     """One real training step with a real Trainer, then trainer.save_checkpoint(path)."""
-    import pytorch_lightning as pl
-
     g = torch.Generator().manual_seed(rm.SEED)
     data = torch.utils.data.TensorDataset(torch.randn(4, 4, generator=g),
                                           torch.randint(0, 2, (4,), generator=g))
-    with warnings.catch_warnings(), rm._quiet_loggers("pytorch_lightning", "lightning.pytorch",
-                                                      "lightning_fabric", "lightning"):
-        warnings.simplefilter("ignore")
-        trainer = pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, enable_checkpointing=False,
-                             accelerator="cpu", devices=1, default_root_dir=str(path.parent))
-        trainer.fit(lit, torch.utils.data.DataLoader(data, batch_size=2))
-        trainer.save_checkpoint(path)
-    return path
+    return rm.fit_and_save(lit, torch.utils.data.DataLoader(data, batch_size=2), path)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,11 @@ import torch
 
 import torchgraft as tg
 
+try:
+    from realmodels import fit_and_save
+except ImportError:  # pragma: no cover - tests/ is a package
+    from tests.realmodels import fit_and_save
+
 L = pytest.importorskip("lightning.pytorch")
 
 
@@ -41,14 +46,7 @@ def ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     lit = TinyLit(argparse.Namespace(hidden=6, lr=0.1), scale=2.0)
     data = torch.utils.data.TensorDataset(torch.randn(4, 4), torch.randint(0, 2, (4,)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, enable_checkpointing=False,
-                            accelerator="cpu", devices=1, default_root_dir=str(path.parent))
-        trainer.fit(lit, torch.utils.data.DataLoader(data, batch_size=2))
-        trainer.save_checkpoint(path)
-    return path
+    return fit_and_save(lit, torch.utils.data.DataLoader(data, batch_size=2), path, max_steps=2)
 
 
 def test_weights_only_load_refuses_the_file(ckpt: Path) -> None:

@@ -455,40 +455,36 @@ def test_quantized_file_tensor_into_float_model_is_refused_like_torch(tmp_path):
     _same(before, dict(model.state_dict()))
 
 
+def _linear_with_pre_hook(hook) -> nn.Module:
+    """A real ``nn.Linear`` with a load pre-hook, as frameworks register them."""
+    module = nn.Linear(2, 2)
+    module._register_load_state_dict_pre_hook(hook)
+    return module
+
+
 def test_a_hook_speaks_once_though_it_runs_on_a_copy_first(capsys, caplog):
     """The dry run on a copy holds back the hook's prints, log records and warnings; the real
     load emits them once. A hook that fails shows what it printed in the error."""
     import logging
     import warnings
 
-    class Chatty(nn.Linear):
-        def __init__(self) -> None:
-            super().__init__(2, 2)
-            self._register_load_state_dict_pre_hook(self._hook)
+    def chatty(state, prefix, *args):
+        print("resizing the weight")
+        logging.getLogger("chatty").warning("resized")
+        warnings.warn("a hook warning", UserWarning, stacklevel=1)
 
-        def _hook(self, state, prefix, *args):
-            print("resizing the weight")
-            logging.getLogger("chatty").warning("resized")
-            warnings.warn("a hook warning", UserWarning, stacklevel=1)
+    def broken(state, prefix, *args):
+        print("expected key 'proj.w'")
+        raise KeyError("proj.w")
 
     sd = nn.Linear(2, 2).state_dict()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        tg.load(Chatty(), sd)
+        tg.load(_linear_with_pre_hook(chatty), sd)
     assert capsys.readouterr().out.count("resizing the weight") == 1
     assert [r.getMessage() for r in caplog.records if r.name == "chatty"] == ["resized"]
     assert sum("a hook warning" in str(w.message) for w in seen) == 1
-    report = tg.plan(Chatty(), sd)  # planning alone: the model's code runs only on a copy
+    report = tg.plan(_linear_with_pre_hook(chatty), sd)  # planning alone: only on a copy
     assert report.ok and "resizing" not in capsys.readouterr().out
-
-    class Broken(nn.Linear):
-        def __init__(self) -> None:
-            super().__init__(2, 2)
-            self._register_load_state_dict_pre_hook(self._hook)
-
-        def _hook(self, state, prefix, *args):
-            print("expected key 'proj.w'")
-            raise KeyError("proj.w")
-
     with pytest.raises(tg.LoadHookError, match="it printed: expected key 'proj.w'"):
-        tg.load(Broken(), sd)
+        tg.load(_linear_with_pre_hook(broken), sd)

@@ -144,21 +144,27 @@ def test_mm_runner_load_from(mm, runner_loading, tmp_path, monkeypatch):
         rm._close_mm_logger(r)
 
 
-def test_mm_runner_resume_matches_mmengine(mm, runner_loading, tmp_path, monkeypatch):
-    """resume=True: weights, optimizer, schedulers, epoch/iter and message hub as mmengine's own
-    resume gives them; then one more epoch trains to bit-identical weights."""
-    _, ckpt = mm
-    state = {}
+def _resumed_by_both(ckpt, runner_loading, tmp_path, monkeypatch, epochs, result):
+    """``Runner(resume=True).train()`` for ``epochs`` through torchgraft, then through
+    mmengine's own loading (trusted pickle): ``{"ours": result(runner), "ref": ...}``."""
+    out = {}
     for name in ("ours", "ref"):
         if name == "ref":
             runner_loading.uninstall_runner_loading()
             _weights_only_false(monkeypatch)
-        runner = _runner(tmp_path / name, 1, load_from=str(ckpt), resume=True)
+        runner = _runner(tmp_path / name, epochs, load_from=str(ckpt), resume=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            runner.train()  # max_epochs=1 is reached: resumes, trains nothing
-        state[name] = _resumed_state(runner)
+            runner.train()
+        out[name] = result(runner)
         rm._close_mm_logger(runner)
+    return out
+
+
+def test_mm_runner_resume_matches_mmengine(mm, runner_loading, tmp_path, monkeypatch):
+    """resume=True: weights, optimizer, schedulers, epoch/iter and message hub as mmengine's own
+    resume gives them (max_epochs=1 is reached: resumes, trains nothing)."""
+    state = _resumed_by_both(mm[1], runner_loading, tmp_path, monkeypatch, 1, _resumed_state)
     ours, ref = state["ours"], state["ref"]
     assert (ours["epoch"], ours["iter"]) == (1, 2)
     assert type(ours["schedulers"][0]["milestones"]) is collections.Counter
@@ -167,19 +173,9 @@ def test_mm_runner_resume_matches_mmengine(mm, runner_loading, tmp_path, monkeyp
 
 
 def test_mm_runner_resume_then_train(mm, runner_loading, tmp_path, monkeypatch):
-    _, ckpt = mm
-    final = {}
-    for name in ("ours", "ref"):
-        if name == "ref":
-            runner_loading.uninstall_runner_loading()
-            _weights_only_false(monkeypatch)
-        runner = _runner(tmp_path / name, 2, load_from=str(ckpt), resume=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            runner.train()
-        final[name] = (runner.iter, dict(runner.model.state_dict()),
-                       runner.optim_wrapper.state_dict())
-        rm._close_mm_logger(runner)
+    """Then one more epoch trains to bit-identical weights and optimizer state."""
+    final = _resumed_by_both(mm[1], runner_loading, tmp_path, monkeypatch, 2, lambda r: (
+        r.iter, dict(r.model.state_dict()), r.optim_wrapper.state_dict()))
     assert final["ours"][0] == 4
     assert _same(final["ours"], final["ref"]) == []
 

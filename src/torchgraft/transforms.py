@@ -97,6 +97,17 @@ class Role:
         return dict(self.params).get(key, default)
 
 
+def int_pair(value: Any) -> tuple[int, int] | None:
+    """``(h, w)`` from an int or a pair of positive ints (a grid, window or patch size), else
+    None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        return (int(value[0]), int(value[1]))
+    return None
+
+
 def kind_of(role: Any) -> str | None:
     return getattr(role, "kind", role)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..transforms import Op, Role, kind_of
+from ..transforms import Op, Role, int_pair, kind_of
 from .channels import adapt_channels
 
 MODES = ("bicubic", "bilinear")
@@ -105,13 +105,6 @@ class PatchEmbedding:
         return ops
 
 
-def _pair(value: Any) -> tuple[int, int] | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-            isinstance(v, int) for v in value):
-        return (int(value[0]), int(value[1]))
-    return None
 
 
 def patch_embed_roles(model: torch.nn.Module) -> dict[str, Any]:
@@ -123,7 +116,7 @@ def patch_embed_roles(model: torch.nn.Module) -> dict[str, Any]:
     first = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)),
                  None)
     for path, module in model.named_modules():
-        patch = _pair(getattr(module, "patch_size", None))
+        patch = int_pair(getattr(module, "patch_size", None))
         if patch is None:
             continue
         for child_name, conv in module.named_children():

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..transforms import Keep, Op, Role, kind_of
+from ..transforms import Keep, Op, Role, int_pair, kind_of
 
 LAYOUTS = ("tokens", "rows", "nhwc", "nchw")
 MODES = ("bicubic", "bilinear")
@@ -85,14 +85,6 @@ def _grid_candidates(n: int, target: tuple[int, int], most: int = 4) -> list[tup
     return sorted(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - want))[:most]
 
 
-def _pair(value: Any, what: str) -> tuple[int, int]:
-    from ..errors import OptionError
-
-    if (isinstance(value, (tuple, list)) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
-        return (int(value[0]), int(value[1]))
-    raise OptionError(f"position_embedding: {what}={value!r}: expected (height, width), two "
-                      "positive integers")
 
 
 class PositionEmbedding:
@@ -124,7 +116,10 @@ class PositionEmbedding:
         if antialias is not None and not isinstance(antialias, bool):
             raise OptionError(f"position_embedding: antialias={antialias!r}: expected True or "
                               "False")
-        self.source_grid = None if source_grid is None else _pair(source_grid, "source_grid")
+        self.source_grid = None if source_grid is None else int_pair(source_grid)
+        if source_grid is not None and self.source_grid is None:
+            raise OptionError(f"position_embedding: source_grid={source_grid!r}: expected "
+                              "(height, width), two positive integers")
         self.mode = mode
         self.antialias = antialias
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..transforms import Role
+from ..transforms import Role, int_pair
 
 
 def _role(grid: Any, prefix: int, layout: str, antialias: bool = True) -> Role:
@@ -54,12 +54,6 @@ def timm_pos_embed_role(module: torch.nn.Module) -> Role | None:
 _PREFIX_PARAMS = ("cls_token", "class_embedding", "distillation_token", "register_tokens")
 
 
-def _pair(value: Any) -> tuple[int, int] | None:
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return (int(value[0]), int(value[1]))
-    return None
 
 
 def _sizes(module: torch.nn.Module) -> tuple[tuple[int, int], tuple[int, int]] | None:
@@ -67,8 +61,8 @@ def _sizes(module: torch.nn.Module) -> tuple[tuple[int, int], tuple[int, int]] |
     from the config)."""
     for owner in (getattr(module, "config", None), getattr(module, "patch_embeddings", None),
                   module):
-        image = _pair(getattr(owner, "image_size", None))
-        patch = _pair(getattr(owner, "patch_size", None))
+        image = int_pair(getattr(owner, "image_size", None))
+        patch = int_pair(getattr(owner, "patch_size", None))
         if image and patch:
             return image, patch
     return None

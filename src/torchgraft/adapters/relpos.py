@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..transforms import Keep, Op, Role, kind_of
+from ..transforms import Keep, Op, Role, int_pair, kind_of
 
 MODES = ("geometric", "bicubic")
 
@@ -138,12 +138,11 @@ class RelPosTable:
         if mode not in MODES:
             raise OptionError(f"rel_pos_table: mode={mode!r}; expected one of {MODES}")
         if source_window is not None:
-            window = (source_window,) * 2 if isinstance(source_window, int) else source_window
-            if (not isinstance(window, (tuple, list)) or len(window) != 2
-                    or not all(isinstance(v, int) and v > 0 for v in window)):
+            window = int_pair(source_window)
+            if window is None:
                 raise OptionError(f"rel_pos_table: source_window={source_window!r}; expected "
                                   "(height, width) of the checkpoint's window")
-            source_window = (int(window[0]), int(window[1]))
+            source_window = window
         self.source_window = source_window
         self.mode = mode
 
